@@ -1,0 +1,97 @@
+"""Validation during training: closed-set accuracy on held-out images and open-set verification
+on a pairs file (embeddings compared by cosine similarity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from trainer.data import PathDataset, eval_transform
+from trainer.errors import FacefuseError
+
+
+@torch.no_grad()
+def classification_accuracy(face_model, loader, device, autocast) -> float | None:
+    """Top-1 accuracy of the classification head on held-out images (None without a head)."""
+    if face_model.head is None or loader is None:
+        return None
+    face_model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = face_model(x, y)
+        correct += int((out.preds == y).sum())
+        total += y.numel()
+    return correct / max(1, total)
+
+
+@torch.no_grad()
+def embed_paths(embedder, paths: list, *, image_size: int, mean, std, device, autocast, batch_size: int = 128,
+                num_workers: int = 0, flip: bool = False) -> np.ndarray:
+    """L2-normalised float32 embeddings of the images at ``paths`` (N x D)."""
+    embedder.eval()
+    ds = PathDataset([str(p) for p in paths], eval_transform(image_size, mean, std))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    out = []
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        with autocast():
+            e = embedder.embed(x).float()
+            if flip:
+                e = e + embedder.embed(torch.flip(x, dims=[3])).float()
+        out.append(F.normalize(e, dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+class PairsValidator:
+    """Embeds each unique image of a pairs file once per evaluation and scores every pair."""
+
+    def __init__(self, pairs_file: str, root: str | None, fold: int | None):
+        from index.pairs import read_pairs
+
+        root = root or _default_root(Path(pairs_file))
+        pairs = read_pairs(pairs_file, root=root)
+        if pairs.labels is None:
+            raise FacefuseError(f"--val-pairs {pairs_file}: validation pairs need same/different labels")
+        keep = np.ones(len(pairs), bool)
+        if fold is not None:
+            if pairs.folds is None or fold not in set(pairs.folds.tolist()):
+                raise FacefuseError(f"--val-pairs-fold {fold}: {pairs_file} has no such fold")
+            keep = pairs.folds == fold
+        self.paths_a = [p for p, k in zip(pairs.paths_a, keep) if k]
+        self.paths_b = [p for p, k in zip(pairs.paths_b, keep) if k]
+        self.labels = pairs.labels[keep].astype(np.int64)
+        self.folds = None if pairs.folds is None else pairs.folds[keep]
+        index: dict = {}
+        for p in (*self.paths_a, *self.paths_b):
+            index.setdefault(p, len(index))
+        missing = [str(p) for p in index if not Path(p).is_file()]
+        if missing:
+            raise FacefuseError(f"--val-pairs {pairs_file}: {len(missing)} images not found, e.g. {missing[0]} "
+                                "(set --val-pairs-root)")
+        self.unique = list(index)
+        self.ia = np.array([index[p] for p in self.paths_a])
+        self.ib = np.array([index[p] for p in self.paths_b])
+
+    def scores(self, emb: np.ndarray) -> np.ndarray:
+        return np.sum(emb[self.ia] * emb[self.ib], axis=1)
+
+    def evaluate(self, embedder, **embed_kw) -> dict:
+        from index.metrics import verification_metrics
+
+        emb = embed_paths(embedder, self.unique, **embed_kw)
+        s = self.scores(emb)
+        if not np.all(np.isfinite(s)):
+            return {"n_pairs": int(len(s)), "error": "non-finite scores"}
+        return verification_metrics(s, self.labels, folds=self.folds)
+
+
+def _default_root(pairs_file: Path) -> Path:
+    """LFW's pairs files sit beside ``lfw-112/``; plain files resolve against their own folder."""
+    aligned = pairs_file.parent / "lfw-112"
+    return aligned if aligned.is_dir() else pairs_file.parent
