@@ -160,7 +160,7 @@ class Trainer:
         self.ema = build_ema(self.face_model, cfg.optim.ema_decay)
         module = self.face_model
         if self.dist.enabled:
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            module = distributed.convert_batchnorm(module, self.device.type)
             self.face_model = module
             module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = module
@@ -198,7 +198,7 @@ class Trainer:
         workers = cfg.data.num_workers
         self.train_loader = DataLoader(SeededDataset(FaceDataset(self.train_set, train_tf)),
                                        batch_sampler=self.sampler, num_workers=workers,
-                                       pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                       pin_memory=self.device.type == "cuda", generator=torch.Generator(),
                                        prefetch_factor=4 if workers else None)
         self.val_loader = None
         if len(self.val_set) and self.dist.is_main:
@@ -282,7 +282,7 @@ class Trainer:
             out = self.model(x, y, labels_b, lam)
         loss = out.loss
         if not torch.isfinite(loss):
-            raise FacefuseError(f"loss became {float(loss)} at epoch {self.state.epoch + 1}, step {self.state.step}: "
+            raise FacefuseError(f"loss became {float(loss.detach())} at epoch {self.state.epoch + 1}, step {self.state.step}: "
                                 "lower --lr, raise --warmup or keep --grad-clip on")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:

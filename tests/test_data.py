@@ -1,0 +1,171 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_faces
+from trainer.augment import BatchMixer, build_train_transform, explicit_pipeline, check_pipeline
+from trainer.config import AugmentConfig
+from trainer.data import (FaceDataset, eval_transform, open_rgb, read_identity_list, scan_identities,
+                          split_holdout, verify_images)
+from trainer.errors import BadImageError, FacefuseError
+from trainer.sampler import PKBatchSampler, RandomBatchSampler
+
+
+@pytest.mark.parametrize("mode,ext", [("RGB", ".jpg"), ("L", ".pgm"), ("P", ".gif"), ("RGBA", ".png"),
+                                      ("I;16", ".png"), ("L", ".png")])
+def test_open_rgb_any_mode(tmp_path, mode, ext):
+    arr = np.random.default_rng(1).integers(0, 255, (31, 47, 4)).astype(np.uint8)
+    im = Image.fromarray(arr, "RGBA")
+    im = im.convert(mode) if mode != "I;16" else Image.fromarray(arr[..., 0].astype(np.uint16) * 256)
+    path = tmp_path / f"x{ext}"
+    im.save(path)
+    out = open_rgb(path)
+    assert out.mode == "RGB" and out.size == (47, 31)
+    t = eval_transform(32, (0.5,) * 3, (0.5,) * 3)(out)
+    assert t.shape == (3, 32, 32) and t.dtype == torch.float32 and -1.001 <= float(t.min()) <= float(t.max()) <= 1.001
+
+
+def test_rgba_alpha_composited_on_black(tmp_path):
+    arr = np.full((8, 8, 4), 200, np.uint8)
+    arr[..., 3] = 0
+    Image.fromarray(arr, "RGBA").save(tmp_path / "a.png")
+    assert np.asarray(open_rgb(tmp_path / "a.png")).max() == 0
+
+
+def test_real_grey_sets_load(lfw):
+    data = lfw.parent
+    for path in [next((data / "orl" / "s1").iterdir()), next((data / "yale").rglob("*.gif"))]:
+        assert open_rgb(path).mode == "RGB"
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "not an image"), (b"hello world", "not an image"),
+                                            ("truncated", "corrupt or truncated")])
+def test_bad_images(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(BadImageError, match=reason) as e:
+        open_rgb(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(BadImageError, match="no such file"):
+        open_rgb(tmp_path / "missing.jpg")
+
+
+def test_scan_and_exclude(faces, tmp_path):
+    images, skipped = scan_identities(faces)
+    assert images.classes == [f"person_{c:02d}" for c in range(4)] and len(images) == 24 and not skipped
+    assert sorted(set(images.labels)) == [0, 1, 2, 3]
+    ex = tmp_path / "exclude.txt"
+    ex.write_text("person_01\n# comment\n\nperson_03\n")
+    images, _ = scan_identities(faces, exclude=read_identity_list(ex))
+    assert images.classes == ["person_00", "person_02"] and images.labels == [0] * 6 + [1] * 6
+
+
+def test_scan_bad_inputs(tmp_path, faces):
+    with pytest.raises(FacefuseError, match="no such folder"):
+        scan_identities(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FacefuseError, match="no identity sub-folders"):
+        scan_identities(tmp_path / "empty")
+    (faces / "person_99").mkdir()
+    with pytest.raises(FacefuseError, match="person_99: identity folder without images"):
+        scan_identities(faces)
+    images, skipped = scan_identities(faces, skip_bad=True)
+    assert len(images.classes) == 4 and len(skipped) == 1
+    (faces / "person_99").rmdir()
+    (faces / "person_00" / "notes.txt").write_text("x")
+    with pytest.raises(FacefuseError, match=r"notes.txt: not an image file"):
+        scan_identities(faces)
+
+
+def test_verify_images_counts_and_relabels(faces):
+    (faces / "person_02" / "img_00.jpg").write_bytes(b"garbage")
+    for p in (faces / "person_03").iterdir():
+        p.write_bytes(b"garbage")
+    images, _ = scan_identities(faces)
+    with pytest.raises(FacefuseError, match=r"img_00.jpg: not an image .* \(and 6 more\); pass --skip-bad"):
+        verify_images(images, skip_bad=False)
+    kept, bad = verify_images(images, skip_bad=True)
+    assert len(bad) == 7 and len(kept) == 17 and kept.classes == ["person_00", "person_01", "person_02"]
+    assert sorted(set(kept.labels)) == [0, 1, 2]
+
+
+def test_split_holdout_keeps_one_per_identity(tmp_path):
+    images, _ = scan_identities(write_faces(tmp_path / "f", n_identities=5, n_images=3))
+    train, val = split_holdout(images, 0.5, seed=3)
+    assert len(train) + len(val) == 15 and len(val) == round(0.5 * 15)
+    assert set(train.labels) == set(range(5))  # every identity keeps a training image
+    assert not set(train.paths) & set(val.paths)
+    assert split_holdout(images, 0.5, seed=3)[1].paths == val.paths
+
+
+def test_default_augment_pipeline_output():
+    aug = AugmentConfig(color_jitter=0.3, perspective=0.2, randaugment=9, random_erasing=0.5, crop_scale=0.8,
+                        vflip=0.1)
+    tf = build_train_transform(aug, 64, (0.5,) * 3, (0.5,) * 3)
+    x = tf(Image.new("RGB", (80, 70), (10, 200, 30)))
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+
+
+def test_pipeline_order_error_names_transform():
+    steps = explicit_pipeline([["Resize", {"size": 32}], ["Normalize", {"mean": [0.5] * 3, "std": [0.5] * 3}]])
+    with pytest.raises(FacefuseError, match=r"pipeline\[1\] \(Normalize\) needs a tensor image but receives a PIL"):
+        check_pipeline(steps, 32)
+    with pytest.raises(FacefuseError, match=r"pipeline\[0\]: unknown transform 'Blur'"):
+        explicit_pipeline([["Blur", {}]])
+    ok = explicit_pipeline([["RandomHorizontalFlip", {}], ["ToImage"], ["Resize", {"size": 32}],
+                            ["CenterCrop", {"size": 32}], ["ToDtype"], ["Normalize", {"mean": [0.5] * 3, "std": [0.5] * 3}]])
+    check_pipeline(ok, 32)
+    with pytest.raises(FacefuseError, match="must end in a float"):
+        check_pipeline(ok[:4], 32)
+
+
+@pytest.mark.parametrize("mix", [{"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.2, "cutmix": 1.0}])
+def test_batch_mixer_recovers_two_labels(mix):
+    torch.manual_seed(0)
+    mixer = BatchMixer(AugmentConfig(**mix), num_classes=7)
+    x = torch.randn(6, 3, 16, 16)
+    y = torch.tensor([0, 3, 3, 5, 1, 6])
+    xm, ya, yb, lam = mixer(x, y)
+    assert torch.equal(ya, y) and torch.equal(yb, y.roll(1)) and 0 <= lam <= 1
+    if "cutmix" not in mix:  # mixup: exact convex combination of the rolled batch
+        torch.testing.assert_close(xm, lam * x + (1 - lam) * x.roll(1, 0))
+
+
+def test_random_sampler_ranks_partition_global_batch():
+    labels = list(range(50))
+    one = RandomBatchSampler(labels, 8, seed=1)
+    ranks = [RandomBatchSampler(labels, 8, seed=1, rank=r, world_size=2) for r in range(2)]
+    for s in (one, *ranks):
+        s.set_epoch(2)
+    batches = list(one)
+    assert len(batches) == 6
+    for b, (r0, r1) in enumerate(zip(*ranks)):
+        assert r0 + r1 == batches[b]
+    one.set_epoch(2, skip_batches=4)
+    assert list(one) == batches[4:]
+    one.set_epoch(3)
+    assert list(one) != batches
+
+
+def test_pk_sampler():
+    labels = [i // 5 for i in range(60)]  # 12 identities x 5
+    s = PKBatchSampler(labels, 4, 3, seed=0)
+    s.set_epoch(0)
+    for batch in s:
+        ids = [labels[i] for i, _ in batch]
+        assert len(ids) == 12 and len(set(ids)) == 4 and all(ids.count(y) == 3 for y in set(ids))
+        assert len({i for i, _ in batch}) == 12
+    with pytest.raises(ValueError, match="needs >= 20 identities"):
+        PKBatchSampler(labels, 20, 2)
+
+
+def test_dataset_returns_tensor_label(faces):
+    images, _ = scan_identities(faces)
+    ds = FaceDataset(images, eval_transform(32, (0.5,) * 3, (0.5,) * 3))
+    x, y = ds[7]
+    assert x.shape == (3, 32, 32) and y == 1
