@@ -27,6 +27,7 @@ class DataConfig:
     val_pairs: str | None = None        # LFW pairs.txt or `path_a path_b label` lines
     val_pairs_root: str | None = None   # images of the pairs file (default: beside it / lfw-112)
     val_pairs_fold: int | None = None   # evaluate only this fold of an LFW pairs file
+    val_pairs_disjoint: bool = False    # leave the val pairs' identities out of training
     skip_bad: bool = False              # skip corrupt images with a count instead of failing
     verify_images: bool = True          # decode every image once before training
     num_workers: int = 2

@@ -106,6 +106,10 @@ def _autocast_factory(device: torch.device, amp: str):
 
 def prepare_data(cfg: TrainConfig, log) -> tuple[ImageList, ImageList, list[str]]:
     exclude = read_identity_list(cfg.data.exclude_identities) if cfg.data.exclude_identities else set()
+    if cfg.data.val_pairs_disjoint:
+        if not cfg.data.val_pairs:
+            raise FacefuseError("--val-pairs-disjoint needs --val-pairs")
+        exclude |= PairsValidator(cfg.data.val_pairs, cfg.data.val_pairs_root, cfg.data.val_pairs_fold).identities()
     images, skipped = scan_identities(cfg.data.root, exclude=exclude, min_images=cfg.data.min_images,
                                       skip_bad=cfg.data.skip_bad)
     if cfg.data.verify_images:

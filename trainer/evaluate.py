@@ -78,6 +78,10 @@ class PairsValidator:
         self.ia = np.array([index[p] for p in self.paths_a])
         self.ib = np.array([index[p] for p in self.paths_b])
 
+    def identities(self) -> set[str]:
+        """Identity names (the images' folder names) that appear in the pairs."""
+        return {Path(p).parent.name for p in self.unique}
+
     def scores(self, emb: np.ndarray) -> np.ndarray:
         return np.sum(emb[self.ia] * emb[self.ib], axis=1)
 

@@ -1,0 +1,140 @@
+"""LFW identity-disjoint protocol.
+
+Train only on the LFW identities that do not appear in fold k of ``pairs.txt`` (within a time
+budget), then verify that fold's 600 pairs: accuracy with the threshold chosen by 10-way
+cross-validation inside the fold (as the LFW protocol does across folds), ROC AUC, EER and TAR at
+FAR 1e-2. Each run's row (config, figures, time) is merged into
+``benchmarks/results/lfw_protocol-<device>.json`` under its ``--name``.
+
+    python benchmarks/lfw_protocol.py --fold 0 --minutes 30 --name arcface -- --loss arcface
+    python benchmarks/lfw_protocol.py --fold 0 --minutes 30 --name softmax -- --loss softmax
+
+Everything after ``--`` is passed to ``cli.py train`` (so any recipe can be measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS_DIR, device_name, device_slug, print_table, versions  # noqa: E402
+from trainer.io import atomic_write_text  # noqa: E402
+from trainer.paths import lfw_dir  # noqa: E402
+
+
+def fold_identities(pairs_file: Path, fold: int) -> set[str]:
+    from index.pairs import read_pairs
+
+    pairs = read_pairs(pairs_file, root=pairs_file.parent / "lfw-112")
+    keep = pairs.folds == fold
+    names = set()
+    for a, b, k in zip(pairs.paths_a, pairs.paths_b, keep):
+        if k:
+            names.add(Path(a).parent.name)
+            names.add(Path(b).parent.name)
+    return names
+
+
+def evaluate(run_dir: Path, pairs_file: Path, fold: int, device: str) -> dict:
+    """Verification figures of the trained model on the fold's pairs, without and with flip TTA."""
+    import torch
+
+    from index.metrics import verification_metrics
+    from trainer.checkpoint import load_embedding_model
+    from trainer.evaluate import PairsValidator, embed_paths
+
+    model, meta = load_embedding_model(run_dir, device)
+    val = PairsValidator(str(pairs_file), None, fold)
+    out = {}
+    for flip in (False, True):
+        emb = embed_paths(model, val.unique, image_size=meta.image_size, mean=meta.mean, std=meta.std,
+                          device=torch.device(device), autocast=_null, flip=flip)
+        m = verification_metrics(val.scores(emb), val.labels, folds=val.folds)
+        out["flip" if flip else "plain"] = m
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def merge_row(path: Path, row: dict, settings: dict) -> None:
+    doc = json.loads(path.read_text()) if path.is_file() else {
+        "benchmark": "lfw_protocol", "device": row["device"], "versions": versions(), "settings": settings,
+        "results": []}
+    doc["results"] = [r for r in doc["results"] if r["name"] != row["name"]] + [row]
+    doc["versions"] = versions()
+    atomic_write_text(path, json.dumps(doc, indent=2))
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=30.0, help="training time budget")
+    ap.add_argument("--name", required=True, help="row name in the results file")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "lfw"), help="where run folders go (not committed)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--results", default=None, help="results JSON (default benchmarks/results/lfw_protocol-<device>.json)")
+    args = ap.parse_args(argv)
+
+    lfw = lfw_dir()
+    pairs_file = lfw / "pairs.txt"
+    if not pairs_file.is_file():
+        sys.exit(f"error: {pairs_file} not found (set FACEFUSE_DATA)")
+    run_dir = Path(args.runs) / f"fold{args.fold}-{args.name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    exclude = run_dir / "exclude.txt"
+    names = fold_identities(pairs_file, args.fold)
+    atomic_write_text(exclude, "\n".join(sorted(names)) + "\n")
+
+    from click.testing import CliRunner
+
+    import cli
+
+    train_args = ["train", "--data", str(lfw / "lfw-112"), "--out", str(run_dir / "train"), "--device", args.device,
+                  "--exclude-identities", str(exclude), "--time-budget", str(args.minutes), "--no-progress", *extra]
+    if "--epochs" not in extra:
+        train_args += ["--epochs", "1000"]  # the budget decides; the schedule follows the budget
+    print("facefuse", " ".join(train_args), flush=True)
+    t0 = time.time()
+    r = CliRunner().invoke(cli.main, train_args, catch_exceptions=False)
+    print(r.output, end="")
+    if r.exit_code != 0:
+        sys.exit(r.exit_code)
+    wall = time.time() - t0
+    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    metrics = evaluate(run_dir / "train", pairs_file, args.fold, args.device)
+    dev = device_name(args.device)
+    row = {
+        "name": args.name, "fold": args.fold, "device": dev, "train_args": train_args[1:],
+        "backbone": summary["backbone"], "loss": summary["loss"], "pair_loss": summary["pair_loss"],
+        "parameters": summary["parameters"], "identities": summary["identities"],
+        "train_images": summary["train_images"], "excluded_identities": len(names),
+        "epochs_done": summary["epochs_done"], "train_seconds": summary["train_seconds"], "wall_seconds": round(wall, 1),
+        "images_per_s": round(summary["images_per_s"], 1), "val_accuracy": summary.get("val_accuracy"),
+        **{f"{k}_{v}": metrics[k][v] for k in ("plain", "flip")
+           for v in ("kfold_accuracy", "kfold_std", "roc_auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3")},
+    }
+    path = Path(args.results) if args.results else RESULTS_DIR / f"lfw_protocol-{device_slug(dev)}.json"
+    merge_row(path, row, {"protocol": "LFW pairs.txt fold k, identity-disjoint training, 10-way CV inside the fold",
+                          "data": "shared/data/lfw/lfw-112"})
+    print_table([row], ["name", "backbone", "loss", "epochs_done", "train_seconds", "plain_kfold_accuracy",
+                        "flip_kfold_accuracy", "flip_roc_auc", "flip_eer", "flip_tar_at_far_1e-2"])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
