@@ -275,9 +275,9 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         if self.device.type == "cuda" and cfg.optim.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         lr = set_lr(self.optimizer, cfg.optim.lr,
-                    lr_factor(self.progress_fraction(), cfg.optim.warmup_epochs / cfg.optim.epochs,
-                              cfg.optim.min_lr_ratio))
+                    lr_factor(self.state.step, warmup_steps, self.progress_fraction(), cfg.optim.min_lr_ratio))
         labels_b, lam = None, 1.0
         if self.mixer.enabled:
             x, y, labels_b, lam = self.mixer(x, y)

@@ -40,15 +40,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
 
 
-def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
-    """Linear warm-up over the first ``warmup`` fraction, then cosine from 1 to ``min_ratio``.
+def lr_factor(step: int, warmup_steps: int, progress: float, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup_steps`` times a cosine from 1 to ``min_ratio`` over ``progress``.
 
-    ``progress`` is the fraction of training done (steps, or time with a time budget)."""
+    ``progress`` is the fraction of training done: steps over total steps, or time spent over the
+    time budget, so the same schedule anneals fully within a budget."""
     progress = min(max(progress, 0.0), 1.0)
-    if warmup > 0 and progress < warmup:
-        return progress / warmup
-    t = (progress - warmup) / max(1e-12, 1 - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
