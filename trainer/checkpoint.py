@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import pickle
 import random
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ def load(path: str | Path) -> dict:
         raise FacefuseError(f"{path}: no such checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, struct.error, KeyError,
+            IndexError, AttributeError, TypeError, UnicodeDecodeError) as exc:  # what torch.load raises on junk
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FacefuseError(f"{path}: not a facefuse checkpoint ({first[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

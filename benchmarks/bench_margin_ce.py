@@ -1,0 +1,161 @@
+"""Benchmark the fused margin cross-entropy against its eager and torch.compile'd reference (GPU).
+
+For each class count and pass (fwd, bwd, fwd+bwd): median time, achieved TFLOP/s against the
+matmul work (2*B*D*C forward, 4*B*D*C backward, 6*B*D*C both; the fused backward recomputes the
+cosines, which is not counted), and the peak memory allocated on top of what existed before the pass
+(inputs, and for bwd the saved graph). An out-of-memory case is recorded as "OOM".
+
+    python benchmarks/bench_margin_ce.py                      # B=512, D=512, C in {8631, 1e5, 1e6}, bf16
+    python benchmarks/bench_margin_ce.py --classes 8631 --dtype float32
+
+Writes benchmarks/results/margin_ce-<device>.json. The eager reference upcasts bf16 inputs to fp32;
+TF32 matmuls are allowed for the baselines (``--no-tf32`` to forbid), which makes them faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import device_name, print_table, write_results  # noqa: E402
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
+PROVIDERS = ("triton", "eager", "compile")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--classes", type=int, nargs="+", default=[8631, 100_000, 1_000_000])
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--s", type=float, default=64.0)
+    p.add_argument("--m1", type=float, default=1.0)
+    p.add_argument("--m2", type=float, default=0.5)
+    p.add_argument("--m3", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=200, help="do_bench repetition time (ms)")
+    p.add_argument("--no-tf32", action="store_true", help="forbid TF32 in the baselines' fp32 matmuls")
+    return p.parse_args(argv)
+
+
+def _measure(fn, bench, prepare=None):
+    """(median ms, peak extra bytes) of ``fn``; ``prepare`` builds its state (not measured)."""
+    import torch
+
+    state = prepare() if prepare else None
+    run = (lambda: fn(state)) if prepare else fn
+    run()  # autotune / compile outside the timing
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    ms = bench(run)
+    del state
+    return ms, peak
+
+
+def run_case(provider_fn, mode, x, w, y, kw, bench):
+    import torch
+
+    def fwd():
+        return provider_fn(x, w, y, **kw)
+
+    def fwd_bwd():
+        x.grad = w.grad = None
+        provider_fn(x, w, y, **kw).backward()
+
+    def bwd(loss):
+        x.grad = w.grad = None
+        loss.backward(retain_graph=True)
+
+    try:
+        if mode == "fwd":
+            return _measure(fwd, bench)
+        if mode == "fwd+bwd":
+            return _measure(fwd_bwd, bench)
+        return _measure(bwd, bench, prepare=fwd)
+    except torch.OutOfMemoryError:
+        return "OOM", None
+    finally:
+        x.grad = w.grad = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_margin_ce: CUDA is required (it times GPU kernels); nothing measured or written.")
+        return 0
+    from kernels._common import INTERPRETING
+
+    if INTERPRETING:
+        print("bench_margin_ce: unset TRITON_INTERPRET to benchmark compiled kernels.")
+        return 2
+    from triton.testing import do_bench
+
+    from kernels.margin_ce import margin_cross_entropy, margin_cross_entropy_reference
+
+    torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+    dtype = getattr(torch, args.dtype)
+    dev = torch.device("cuda")
+    B, D = args.batch, args.dim
+    kw = dict(s=args.s, m1=args.m1, m2=args.m2, m3=args.m3, label_smoothing=args.label_smoothing)
+    providers = {
+        "triton": margin_cross_entropy,
+        "eager": margin_cross_entropy_reference,
+        "compile": torch.compile(margin_cross_entropy_reference),
+    }
+    bench = lambda fn: do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")  # noqa: E731
+
+    rows = []
+    for C in args.classes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(B, D, device=dev, dtype=dtype, generator=g).requires_grad_()
+        w = torch.randn(C, D, device=dev, dtype=dtype, generator=g).requires_grad_()
+        y = torch.randint(0, C, (B,), device=dev, generator=g)
+        with torch.no_grad():  # agreement of the fused loss with the reference on these inputs
+            diff = (margin_cross_entropy(x, w, y, **kw) - margin_cross_entropy_reference(x, w, y, **kw)).abs()
+            loss_diff = float(diff)
+        for mode in MODES:
+            row = {"classes": C, "pass": mode, "loss_abs_diff": loss_diff}
+            flops = FLOP_FACTOR[mode] * B * D * C
+            for name, fn in providers.items():
+                ms, peak = run_case(fn, mode, x, w, y, kw, bench)
+                row[f"{name}_ms"] = ms
+                row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12 if isinstance(ms, float) else None
+                row[f"{name}_peak_mib"] = peak / 2**20 if peak is not None else None
+            for base in ("eager", "compile"):
+                t, b = row["triton_ms"], row[f"{base}_ms"]
+                row[f"speedup_vs_{base}"] = b / t if isinstance(t, float) and isinstance(b, float) else None
+            rows.append(row)
+            print(f"C={C} {mode}: " + ", ".join(f"{p} {row[f'{p}_ms']}" for p in PROVIDERS), flush=True)
+        del x, w, y
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    columns = ["classes", "pass"] + [f"{p}_{k}" for k in ("ms", "tflops", "peak_mib") for p in PROVIDERS]
+    print_table(rows, columns + ["speedup_vs_eager", "speedup_vs_compile", "loss_abs_diff"])
+    settings = dict(batch=B, dim=D, classes=args.classes, dtype=args.dtype, **kw, warmup_ms=args.warmup,
+                    rep_ms=args.rep, timing="triton.testing.do_bench median",
+                    baseline_tf32=not args.no_tf32, flops="2/4/6 * B*D*C for fwd/bwd/fwd+bwd",
+                    peak="max_memory_allocated minus memory_allocated before the pass")
+    path = write_results("margin_ce", device_name(), settings, rows)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""One embedding interface over two runtimes: an exported ONNX file (ONNX Runtime) or a facefuse
+checkpoint / run folder (PyTorch).
+
+Both read the preprocessing contract (input size, mean, std, channel order) from the model itself
+(ONNX ``metadata_props`` written by :mod:`export.onnx_export`, or the checkpoint's
+:class:`~trainer.checkpoint.ModelMeta`), so an image is always fed the way the model was trained.
+
+Embeddings returned to callers are float32 numpy arrays, L2-normalised row by row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainer.checkpoint import ModelMeta
+from trainer.data import eval_transform, open_rgb
+from trainer.errors import BadImageError, FacefuseError
+
+META_PREFIX = "facefuse."
+MAX_LISTED = 5
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+class Embedder(ABC):
+    """Images in, L2-normalised embeddings out. ``meta`` describes the model and its inputs."""
+
+    meta: ModelMeta
+    runtime: str  # "onnxruntime" or "pytorch"
+
+    @abstractmethod
+    def _run(self, x: torch.Tensor) -> np.ndarray:
+        """Raw (unnormalised) embeddings, float32 B x D, for a normalised float32 B x 3 x S x S batch."""
+
+    @property
+    def dim(self) -> int:
+        return self.meta.embedding_dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.fingerprint
+
+    def transform(self):
+        """PIL RGB image -> model input tensor 3 x S x S (channel order applied)."""
+        base = eval_transform(self.meta.image_size, self.meta.mean, self.meta.std)
+        if self.meta.channel_order.upper() == "BGR":
+            return lambda im: base(im).flip(0)
+        return base
+
+    def embed_tensor(self, x, *, flip_tta: bool = False, normalize: bool = True) -> np.ndarray:
+        """Embed a preprocessed batch (B x 3 x S x S, any float dtype, numpy or torch).
+
+        With ``flip_tta`` the embedding is ``e(x) + e(mirror(x))``. ``normalize=False`` returns the
+        raw model output (what export parity compares)."""
+        x = torch.as_tensor(x).float()
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a B x 3 x H x W batch, got shape {tuple(x.shape)}")
+        e = self._run(x)
+        if flip_tta:
+            e = e + self._run(x.flip(-1))
+        return l2_normalize(e) if normalize else e.astype(np.float32)
+
+    def embed_paths(self, paths, *, batch_size: int = 64, num_workers: int | None = None,
+                    flip_tta: bool = False, skip_missing: bool = False,
+                    where: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Embed image files; decoding runs in ``num_workers`` DataLoader workers.
+
+        Returns ``(embeddings N x D float32, ok_mask N bool)``; rows of failed images are zero.
+        Fewer than 64 images are decoded in-process (starting workers would cost more).
+        A missing or undecodable image raises :class:`FacefuseError` listing the first few
+        (with ``where[path]``, e.g. ``"pairs.txt:17"``, when given) unless ``skip_missing``.
+        Missing files are found before any decoding starts, so that error comes at once.
+        """
+        paths = [Path(p) for p in paths]
+        n = len(paths)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        ok = np.ones(n, dtype=bool)
+        errors: dict[int, str] = {}
+        for i, p in enumerate(paths):
+            if not p.is_file():
+                errors[i] = f"{p}: {'is a folder, not an image' if p.is_dir() else 'no such file'}"
+        if errors and not skip_missing:
+            raise FacefuseError(_listing(errors, paths, where, "missing"))
+        todo = [i for i in range(n) if i not in errors]
+        if todo:
+            loader = DataLoader(_Images([paths[i] for i in todo], self.transform()),
+                                batch_size=batch_size, num_workers=_workers(num_workers, len(todo)),
+                                collate_fn=_collate)
+            for idx, x, bad in loader:
+                rows = np.asarray([todo[j] for j in idx])
+                for j, msg in bad:
+                    errors[todo[j]] = msg
+                if errors and not skip_missing:
+                    break  # fail early: no point embedding the rest
+                if x is not None:
+                    out[rows] = self.embed_tensor(x, flip_tta=flip_tta)
+        if errors:
+            if not skip_missing:
+                raise FacefuseError(_listing(errors, paths, where, "unreadable"))
+            ok[list(errors)] = False
+        return out, ok
+
+
+def _workers(num_workers: int | None, n: int) -> int:
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1)
+    return 0 if n < 64 else num_workers
+
+
+def _listing(errors: dict, paths, where, kind: str) -> str:
+    first = sorted(errors)[:MAX_LISTED]
+    items = []
+    for i in first:
+        loc = (where or {}).get(paths[i])
+        items.append(f"{errors[i]}" + (f" ({loc})" if loc else ""))
+    more = f" and {len(errors) - len(first)} more" if len(errors) > len(first) else ""
+    return (f"{len(errors)} {kind} image(s): " + "; ".join(items) + more
+            + " (pass --skip-missing to go on without them)")
+
+
+class _Images(Dataset):
+    """(index, tensor or None, error message or None) per path: a bad image never stops a worker."""
+
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(open_rgb(self.paths[i])), None
+        except BadImageError as exc:
+            return i, None, str(exc)
+
+
+def _collate(items):
+    good = [(i, x) for i, x, err in items if err is None]
+    bad = [(i, err) for i, _, err in items if err is not None]
+    x = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], x, bad
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+
+def onnx_providers() -> list[str]:
+    """CUDA only when torch sees a GPU (ORT lists CUDA on machines that have none)."""
+    return (["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.cuda.is_available()
+            else ["CPUExecutionProvider"])
+
+
+def meta_to_props(meta: ModelMeta, **extra) -> dict[str, str]:
+    """The preprocessing contract as ONNX ``metadata_props`` (string values)."""
+    d = {"image_size": meta.image_size, "mean": list(meta.mean), "std": list(meta.std),
+         "channel_order": meta.channel_order, "embedding_dim": meta.embedding_dim,
+         "fingerprint": meta.fingerprint, "backbone": meta.backbone, **extra}
+    return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in d.items()}
+
+
+def meta_from_props(props: dict[str, str], where: str) -> ModelMeta:
+    try:
+        g = lambda k: props[META_PREFIX + k]  # noqa: E731
+        return ModelMeta(backbone=g("backbone"), embedding_dim=int(g("embedding_dim")),
+                         image_size=int(g("image_size")), mean=tuple(json.loads(g("mean"))),
+                         std=tuple(json.loads(g("std"))), channel_order=g("channel_order"),
+                         fingerprint=g("fingerprint"))
+    except (KeyError, ValueError) as exc:
+        raise FacefuseError(f"{where}: ONNX model has no facefuse preprocessing metadata ({exc}); "
+                            "export it with `facefuse export`") from None
+
+
+class OnnxEmbedder(Embedder):
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, providers: list[str] | None = None, threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FacefuseError(f"{path}: no such model file")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers or onnx_providers())
+        except Exception as exc:  # ORT raises its own untyped exceptions for bad files
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise FacefuseError(f"{path}: not a valid ONNX model ({first})") from None
+        self.meta = meta_from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self.path = path
+
+    def _run(self, x: torch.Tensor) -> np.ndarray:
+        (e,) = self.session.run(None, {self.input_name: x.numpy().astype(self.input_dtype, copy=False)})
+        return e.astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------- PyTorch
+
+
+class TorchEmbedder(Embedder):
+    runtime = "pytorch"
+
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = None):
+        from trainer.checkpoint import load_embedding_model
+        from trainer.ops import default_backend
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.meta = load_embedding_model(path, self.device)
+        self.model.set_kernel_backend(default_backend(self.device))
+        self.path = Path(path)
+
+    @torch.inference_mode()
+    def _run(self, x: torch.Tensor) -> np.ndarray:
+        return self.model(x.to(self.device)).float().cpu().numpy()
+
+
+def load_embedder(path: str | Path, *, device: str | None = None) -> Embedder:
+    """A run folder, a ``.pt``/``.pth``/``.ckpt`` file or any zip archive (torch's format) ->
+    :class:`TorchEmbedder`; any other file -> :class:`OnnxEmbedder`. Each loader says clearly
+    when the file is not what it expects."""
+    path = Path(path)
+    if not path.exists():
+        raise FacefuseError(f"{path}: no such model file or run folder")
+    if path.is_dir() or path.suffix in (".pt", ".pth", ".ckpt") or _is_zip(path):
+        return TorchEmbedder(path, device=device)
+    return OnnxEmbedder(path)
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"

@@ -1,0 +1,170 @@
+"""Read verification pairs files into one :class:`Pairs` value.
+
+Three formats are recognised from the first non-empty line:
+
+``lfw`` (View 2, ``pairs.txt``)
+    First line ``F<TAB>N``: ``F`` folds, each ``N`` same-person lines ``name i j`` followed by
+    ``N`` different-person lines ``name1 i name2 j``. Pair ``k`` belongs to fold ``k // (2N)``.
+``lfw-dev`` (View 1, ``pairsDevTrain.txt`` / ``pairsDevTest.txt``)
+    First line ``N``: ``N`` same lines then ``N`` different lines; a single fold (fold 0).
+``plain``
+    Lines ``path_a path_b [label]``, the fields separated by a tab, a comma or spaces (a line with
+    a tab is split on tabs, else one with a comma on commas, else on runs of spaces, so tab- and
+    comma-separated files may hold paths with spaces). The label is ``1``/``0``, ``same``/
+    ``different`` (also ``true``/``false``): either every line has one or none does. Blank lines
+    and lines starting with ``#`` are skipped. No folds.
+
+LFW image paths are ``<root>/<name>/<name>_<i:04d><ext>``; plain relative paths are resolved
+against ``root``. Without a root, the pairs file's own folder is used.
+
+Every malformed line raises :class:`FacefuseError` naming the file and the line number.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer.errors import FacefuseError
+
+_LABELS = {"1": 1, "0": 0, "same": 1, "different": 0, "diff": 0, "true": 1, "false": 0}
+
+
+@dataclass
+class Pairs:
+    """Parsed pairs: pair ``k`` compares ``paths_a[k]`` with ``paths_b[k]``.
+
+    ``labels`` (int8, 1 = same person) and ``folds`` (int64 fold index) are ``None`` when the
+    file has none. ``lines`` holds the 1-based line number of every pair in ``source``.
+    """
+
+    source: Path
+    format: str
+    paths_a: list[Path]
+    paths_b: list[Path]
+    labels: np.ndarray | None
+    folds: np.ndarray | None
+    lines: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths_a)
+
+    def unique_paths(self) -> tuple[list[Path], np.ndarray, np.ndarray]:
+        """Every distinct image once, in first-seen order, and each pair's two indices into it."""
+        index: dict[Path, int] = {}
+        for p in (*self.paths_a, *self.paths_b):
+            index.setdefault(p, len(index))
+        ia = np.array([index[p] for p in self.paths_a], dtype=np.int64)
+        ib = np.array([index[p] for p in self.paths_b], dtype=np.int64)
+        return list(index), ia, ib
+
+    def first_lines(self) -> dict[Path, int]:
+        """The first line on which each image appears (for error messages)."""
+        first: dict[Path, int] = {}
+        for a, b, n in zip(self.paths_a, self.paths_b, self.lines.tolist()):
+            first.setdefault(a, n)
+            first.setdefault(b, n)
+        return first
+
+
+def read_pairs(path: str | Path, root: str | Path | None = None, ext: str = ".jpg") -> Pairs:
+    """Parse a pairs file of any supported format (see the module docstring)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FacefuseError(f"{path}: pairs file not found") from None
+    except IsADirectoryError:
+        raise FacefuseError(f"{path}: is a folder, expected a pairs file") from None
+    except UnicodeDecodeError:
+        raise FacefuseError(f"{path}: not a text file") from None
+    base = Path(root) if root is not None else path.parent
+    rows = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
+    rows = [(n, s) for n, s in rows if s and not s.startswith("#")]
+    if not rows:
+        raise FacefuseError(f"{path}: no pairs in the file")
+    head = rows[0][1].split()
+    if len(head) in (1, 2) and all(f.isdigit() for f in head):
+        folds, per_side = (1, int(head[0])) if len(head) == 1 else (int(head[0]), int(head[1]))
+        fmt = "lfw-dev" if len(head) == 1 else "lfw"
+        return _read_lfw(path, fmt, rows[1:], folds, per_side, base, ext)
+    return _read_plain(path, rows, base)
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path.name}:{line}"
+
+
+def _lfw_index(path: Path, line: int, field: str) -> int:
+    if not field.isdigit() or int(field) < 1:
+        raise FacefuseError(f"{_where(path, line)}: image number {field!r} is not a positive integer")
+    return int(field)
+
+
+def _read_lfw(path, fmt, rows, n_folds, per_side, base, ext) -> Pairs:
+    expected = 2 * n_folds * per_side
+    if n_folds < 1 or per_side < 1:
+        raise FacefuseError(f"{_where(path, 1)}: header needs positive counts, got {n_folds} x {per_side}")
+    if len(rows) != expected:
+        raise FacefuseError(
+            f"{path.name}: header says {n_folds} fold(s) x 2 x {per_side} = {expected} pairs, "
+            f"found {len(rows)} lines")
+    img = lambda name, i: base / name / f"{name}_{i:04d}{ext}"  # noqa: E731
+    paths_a, paths_b, labels, lines = [], [], [], []
+    for k, (n, s) in enumerate(rows):
+        f = s.split()
+        if len(f) not in (3, 4):
+            raise FacefuseError(f"{_where(path, n)}: expected 3 or 4 fields, got {len(f)}")
+        same = (k % (2 * per_side)) < per_side
+        if same != (len(f) == 3):
+            kind = "same-person `name i j` (3" if same else "different-person `name1 i name2 j` (4"
+            raise FacefuseError(f"{_where(path, n)}: expected a {kind} fields) line here, got {len(f)} fields")
+        if same:
+            a, b = img(f[0], _lfw_index(path, n, f[1])), img(f[0], _lfw_index(path, n, f[2]))
+        else:
+            a, b = img(f[0], _lfw_index(path, n, f[1])), img(f[2], _lfw_index(path, n, f[3]))
+        paths_a.append(a)
+        paths_b.append(b)
+        labels.append(int(same))
+        lines.append(n)
+    folds = np.arange(expected, dtype=np.int64) // (2 * per_side)
+    return Pairs(path, fmt, paths_a, paths_b, np.array(labels, dtype=np.int8), folds,
+                 np.array(lines, dtype=np.int64))
+
+
+def _split(line: str) -> list[str]:
+    if "\t" in line:
+        return [f.strip() for f in line.split("\t")]
+    if "," in line:
+        return [f.strip() for f in line.split(",")]
+    return re.split(r" +", line)
+
+
+def _read_plain(path, rows, base) -> Pairs:
+    paths_a, paths_b, labels, lines = [], [], [], []
+    has_label = None
+    for n, s in rows:
+        f = _split(s)
+        if len(f) not in (2, 3) or not all(f):
+            got = f"{len(f)}" if all(f) else "an empty field"
+            raise FacefuseError(f"{_where(path, n)}: expected `path_a path_b [label]` (2 or 3 fields), got {got}")
+        if has_label is None:
+            has_label, first = len(f) == 3, n
+        elif has_label != (len(f) == 3):
+            raise FacefuseError(
+                f"{_where(path, n)}: {'no' if has_label else 'a'} label here but line {first} "
+                f"{'has one' if has_label else 'has none'}; label every line or none")
+        if has_label:
+            lab = _LABELS.get(f[2].lower())
+            if lab is None:
+                raise FacefuseError(f"{_where(path, n)}: label {f[2]!r} is not 1/0 or same/different")
+            labels.append(lab)
+        paths_a.append(base / Path(f[0]).expanduser())
+        paths_b.append(base / Path(f[1]).expanduser())
+        lines.append(n)
+    return Pairs(path, "plain", paths_a, paths_b,
+                 np.array(labels, dtype=np.int8) if has_label else None, None,
+                 np.array(lines, dtype=np.int64))

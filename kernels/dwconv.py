@@ -1,0 +1,227 @@
+r"""Depthwise 7x7 convolution (stride 1, padding 3) on channels-last tensors, and its reference.
+
+Math, for x of logical shape N x C x H x W stored NHWC, weight C x 1 x 7 x 7, bias C::
+
+    y[n, c, h, w]   = b[c] + sum_{kh, kw in 0..6} w[c, kh, kw] * x[n, c, h + kh - 3, w + kw - 3]
+    dx[n, c, h, w]  = sum_{kh, kw} w[c, 6 - kh, 6 - kw] * dy[n, c, h + kh - 3, w + kw - 3]
+                      (the same convolution with the kernel flipped in both axes)
+    dw[c, kh, kw]   = sum_{n, h, w} dy[n, c, h, w] * x[n, c, h + kh - 3, w + kw - 3]
+    db[c]           = sum_{n, h, w} dy[n, c, h, w]
+    (x outside the image is zero.)
+
+Design. A program owns a block of channels (contiguous in NHWC, so every load is coalesced) and a
+block of output pixels; it loops over the 49 taps with masked loads (the halo comes from L1/L2) and
+accumulates in fp32. Grad input reuses the forward kernel with the flipped taps. Grad weight and
+bias: programs over (pixel split, channel block) reduce their pixel range per tap into fp32
+partials (splits x 49 x C, splits x C) that the host sums: deterministic, no atomics.
+Weight and bias may be fp32 while x is bf16/fp16 (the usual autocast setting): they are read as
+fp32; the output has x's dtype, each gradient its input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    INTERPRETING,
+    check_float_dtype,
+    check_same_device,
+    check_tensor,
+    pick_configs,
+    sm_count,
+    split_range,
+)
+
+K = 7  # kernel size
+PAD = 3  # padding
+_PIXEL_GRANULE = 128 if INTERPRETING else 512  # pixels per grad-weight split are a multiple of this
+
+# Elementwise-style kernels (no tl.dot, little shared memory): every config fits the L40 (sm_89)
+# as well as Hopper (H100/H200); the wide-pixel ones suit Hopper's larger register file best.
+_FWD_CONFIGS = pick_configs(
+    [
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),  # L40 / Hopper
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),  # L40 / Hopper
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),  # L40 / Hopper
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),  # L40 / Hopper
+        triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8),  # Hopper
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),  # L40 / Hopper, wide C stages
+    ],
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=1),
+)
+_BWD_W_CONFIGS = pick_configs(
+    [
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),  # L40 / Hopper
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),  # L40 / Hopper
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),  # L40 / Hopper
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),  # L40 / Hopper
+        triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8),  # Hopper
+    ],
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=1),
+)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["C", "H", "W"])
+@triton.jit
+def _dwconv7x7_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,  # pointers: x, y NHWC; w 49 x C taps (tap-major); b C (unused if not HAS_BIAS)
+    NHW, H, W, C,  # shapes
+    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # meta
+):
+    # y[p, c] for a block of pixels p (flattened n, h, w) and a block of channels c
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < NHW
+    c_ok = c < C
+    h = (p // W) % H
+    w = p % W
+    x_base = x_ptr + p.to(tl.int64)[:, None] * C + c[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in range(7):  # a runtime loop: unrolling all 49 taps would keep 49 loads in flight and spill
+        row_ok = p_ok & (h >= 3 - kh) & (h < H + 3 - kh)  # input row h + kh - 3 inside the image
+        for kw in tl.static_range(7):
+            ok = row_ok & (w >= 3 - kw) & (w < W + 3 - kw)  # input column w + kw - 3 inside the image
+            shift = ((kh - 3) * W + (kw - 3)) * C  # same image, shifted by (kh - 3, kw - 3)
+            xv = tl.load(x_base + shift, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + (kh * 7 + kw) * C + c, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    dst = p.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(y_ptr + dst, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.autotune(configs=_BWD_W_CONFIGS, key=["C", "H", "W"])
+@triton.jit
+def _dwconv7x7_bwd_w_kernel(
+    x_ptr, dy_ptr, dw_ptr, db_ptr,  # pointers: x, dy NHWC; partials dw splits x 49 x C, db splits x C (fp32)
+    NHW, H, W, C, P_PER_SPLIT,  # shapes
+    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # meta
+):
+    # per tap: sum over this split's pixels of dy[p, c] * x[p shifted by the tap, c]
+    pid_s = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    p_begin = pid_s * P_PER_SPLIT
+    p_end = tl.minimum(p_begin + P_PER_SPLIT, NHW)
+    for kh in tl.static_range(7):
+        for kw in tl.static_range(7):
+            shift = ((kh - 3) * W + (kw - 3)) * C  # input pixel = output pixel shifted by (kh - 3, kw - 3)
+            acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for p0 in range(p_begin, p_end, BLOCK_P):
+                p = p0 + tl.arange(0, BLOCK_P)
+                p_ok = p < p_end
+                h = (p // W) % H
+                w = p % W
+                offs = p.to(tl.int64)[:, None] * C + c[None, :]
+                dyv = tl.load(dy_ptr + offs, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+                ok = p_ok & (h >= 3 - kh) & (h < H + 3 - kh) & (w >= 3 - kw) & (w < W + 3 - kw)
+                xv = tl.load(x_ptr + offs + shift, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                acc += dyv.to(tl.float32) * xv.to(tl.float32)
+            tl.store(dw_ptr + (pid_s * 49 + kh * 7 + kw) * C + c, tl.sum(acc, axis=0), mask=c_ok)
+    if HAS_BIAS:
+        # db: sum over this split's pixels of dy
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            dyv = tl.load(dy_ptr + p.to(tl.int64)[:, None] * C + c[None, :],
+                          mask=(p < p_end)[:, None] & c_ok[None, :], other=0.0)
+            acc += dyv.to(tl.float32)
+        tl.store(db_ptr + pid_s * C + c, tl.sum(acc, axis=0), mask=c_ok)
+
+
+def _conv(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Launch the 7x7 depthwise kernel: ``taps`` is 49 x C (tap-major), output channels_last."""
+    N, C, H, W = x.shape
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    grid = lambda m: (triton.cdiv(N * H * W, m["BLOCK_P"]), triton.cdiv(C, m["BLOCK_C"]))  # noqa: E731
+    _dwconv7x7_kernel[grid](x, taps, bias if bias is not None else taps, y, N * H * W, H, W, C,
+                            HAS_BIAS=bias is not None)
+    return y
+
+
+def _taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """C x 1 x 7 x 7 -> 49 x C contiguous (tap index kh*7 + kw), optionally flipped in kh and kw."""
+    w = weight.reshape(weight.shape[0], K * K)
+    if flip:
+        w = w.flip(1)  # index kh*7+kw -> 48 - (kh*7+kw) = (6-kh)*7 + (6-kw)
+    return w.t().contiguous()
+
+
+def _grad_weight_bias(x, dy, has_bias):
+    N, C, H, W = x.shape
+    nhw = N * H * W
+    n_splits, per_split = split_range(nhw, triton.cdiv(C, 64), 4 * sm_count(x.device), _PIXEL_GRANULE)
+    dw = torch.empty(n_splits, K * K, C, device=x.device, dtype=torch.float32)
+    db = torch.empty(n_splits, C, device=x.device, dtype=torch.float32) if has_bias else dw
+    grid = lambda m: (n_splits, triton.cdiv(C, m["BLOCK_C"]))  # noqa: E731
+    _dwconv7x7_bwd_w_kernel[grid](x, dy, dw, db, nhw, H, W, C, per_split, HAS_BIAS=has_bias)
+    dw = dw.sum(dim=0).t().reshape(C, 1, K, K)
+    return dw, (db.sum(dim=0) if has_bias else None)
+
+
+class _DepthwiseConv7x7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return _conv(x, _taps(weight), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _conv(dy, _taps(weight, flip=True), None)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            dw32, db32 = _grad_weight_bias(x, dy, ctx.has_bias)
+            dw = dw32.to(weight.dtype) if ctx.needs_input_grad[1] else None
+            db = db32.to(ctx.bias_dtype) if db32 is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def _check_inputs(x, weight, bias):
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D N x C x H x W, got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if tuple(weight.shape) != (C, 1, K, K):
+        raise ValueError(f"weight must have shape ({C}, 1, 7, 7) for {C} channels, got {tuple(weight.shape)}")
+    tensors = {"x": x, "weight": weight}
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if tuple(bias.shape) != (C,):
+            raise ValueError(f"bias must have shape ({C},), got {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        check_float_dtype(t, name)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(
+            f"x must be in torch.channels_last memory format (NHWC), got strides {x.stride()}; "
+            "call x.contiguous(memory_format=torch.channels_last)"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"empty input of shape {tuple(x.shape)}")
+    check_same_device(tensors)
+
+
+def depthwise_conv7x7(x, weight, bias=None):
+    """Triton depthwise 7x7 convolution, stride 1, padding 3 (see the module docstring).
+
+    ``x`` N x C x H x W in channels_last memory format, fp32/bf16/fp16; ``weight`` C x 1 x 7 x 7,
+    ``bias`` C or None (fp32/bf16/fp16, may differ from x's dtype). Returns N x C x H x W in
+    channels_last with x's dtype; differentiable w.r.t. x, weight and bias.
+    """
+    _check_inputs(x, weight, bias)
+    return _DepthwiseConv7x7.apply(x, weight, bias)
+
+
+def depthwise_conv7x7_reference(x, weight, bias=None):
+    """``F.conv2d(x, weight, bias, padding=3, groups=C)``: the CPU/ONNX path and test oracle."""
+    return F.conv2d(x, weight, bias, padding=PAD, groups=x.shape[1])

@@ -1,0 +1,197 @@
+"""`facefuse index build|add` and `facefuse search` end to end, checked against numpy brute force on
+the same embeddings, and each kind of bad input: exit code 2 and one `error: ...` line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from export.runtime import TorchEmbedder
+from trainer.checkpoint import ModelMeta, save_model_file
+from trainer.config import ModelConfig
+from trainer.model import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads spin-waiting for each other make
+    these tiny models 10-30x slower. Restored afterwards for other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model_file(path, seed=0, dim=32):
+    cfg = ModelConfig(backbone="resnet18", embedding_dim=dim, image_size=64, width=0.25)
+    torch.manual_seed(seed)
+    model = build_model(cfg, 10).eval()
+    save_model_file(path, model, ModelMeta.for_model(cfg, model, 10, (0.5,) * 3, (0.5,) * 3))
+    return path
+
+
+def make_faces(root, names, per_id, seed=0, flat=False):
+    """Synthetic faces: a smooth random pattern per identity plus per-image noise."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in names:
+        base = rng.normal(128, 50, (8, 8, 3))
+        out[name] = []
+        for j in range(per_id):
+            img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+            p = root / f"{name}_{j}.jpg" if flat else root / name / f"{j}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).resize((70, 70), Image.BICUBIC).save(p)
+            out[name].append(p)
+    return out
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    model = make_model_file(root / "model.pt")
+    faces = make_faces(root / "gallery", ["ann", "bob", "cid", "dee", "eve"], 3)
+    return root, model, faces
+
+
+def _brute(model, gallery_paths, gallery_ids, queries, k):
+    """Top-k distinct identities by max cosine, in numpy float64."""
+    emb = TorchEmbedder(model, device="cpu")
+    g, _ = emb.embed_paths(gallery_paths, num_workers=0)
+    q, _ = emb.embed_paths(queries, num_workers=0)
+    sims = q.astype(np.float64) @ g.astype(np.float64).T
+    names = sorted(set(gallery_ids))
+    ids = np.array(gallery_ids)
+    per = np.stack([sims[:, ids == n].max(1) for n in names], 1)
+    order = np.argsort(-per, 1, kind="stable")[:, :k]
+    return [[(names[j], per[i, j]) for j in row] for i, row in enumerate(order)]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_build_search_add(setup, tmp_path, kind):
+    root, model, faces = setup
+    idx = tmp_path / "idx"
+    res = run("index", "build", root / "gallery", "--model", model, "-o", idx, "--kind", kind)
+    assert res.exit_code == 0, res.output
+    assert "indexed 15 images of 5 identities" in res.stdout
+    queries = [faces["bob"][1], faces["eve"][0], faces["ann"][2]]
+    out = run("search", *queries, "--index", idx, "--model", model, "--top-k", 3, "--json", "--nprobe", 64)
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.stdout)
+    paths = [p for n in faces for p in faces[n]]
+    ids = [n for n in faces for _ in faces[n]]
+    ref = _brute(model, paths, ids, queries, 3)
+    for r, want, q in zip(got, ref, queries):
+        assert r["path"] == str(q)
+        assert [m["identity"] for m in r["matches"]] == [n for n, _ in want]
+        np.testing.assert_allclose([m["score"] for m in r["matches"]], [s for _, s in want], atol=1e-5)
+        assert r["identity"] == want[0][0] and r["score"] == pytest.approx(1.0, abs=1e-5)  # itself
+    # enroll a new identity (a folder) and one file with an explicit identity, without a rebuild
+    new = make_faces(tmp_path / "new", ["fay"], 2, seed=5)
+    extra = make_faces(tmp_path / "extra", ["gus"], 1, seed=6, flat=True)["gus"][0]
+    add = run("index", "add", idx, tmp_path / "new", extra, "--identity", "gus")
+    assert add.exit_code == 0, add.output
+    assert "added 3 images" in add.stdout and "18 images of 6 identities" in add.stdout
+    meta = json.loads((idx / "meta.json").read_text())
+    assert meta["count"] == 18 and meta["identities"][-3:] == ["gus", "gus", "gus"]
+    add2 = run("index", "add", idx, tmp_path / "new")  # folder layout: identity from the sub-folder
+    assert add2.exit_code == 0 and json.loads((idx / "meta.json").read_text())["identities"][-2:] == ["fay"] * 2
+    # search without --model: the index remembers its model
+    found = run("search", new["fay"][0], extra, "--index", idx, "--json", "--ef-search", 128, "--nprobe", 64)
+    assert found.exit_code == 0, found.output
+    r = json.loads(found.stdout)
+    assert r[0]["score"] == pytest.approx(1.0, abs=1e-5) and r[1]["identity"] == "gus"
+
+
+def test_flat_named_gallery_folder_query_and_threshold(setup, tmp_path):
+    root, model, _ = setup
+    faces = make_faces(tmp_path / "flat", ["Jo_Ann", "Max"], 2, seed=3, flat=True)
+    idx = tmp_path / "idx"
+    assert run("index", "build", tmp_path / "flat", "--model", model, "-o", idx).exit_code == 0
+    res = run("search", tmp_path / "flat", "--index", idx, "--json", "--threshold", 0.999)
+    got = json.loads(res.stdout)
+    assert len(got) == 4 and {r["identity"] for r in got} == {"Jo_Ann", "Max"}
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(noise)
+    unk = json.loads(run("search", noise, "--index", idx, "--json", "--threshold", 0.999).stdout)
+    assert unk[0]["identity"] == "unknown" and unk[0]["score"] < 0.999
+    text = run("search", faces["Max"][0], "--index", idx, "--top-k", 2)
+    assert text.exit_code == 0 and text.stdout.split("\t")[1] == "Max"
+
+
+def test_onnx_model_searches_a_checkpoint_built_index(setup, tmp_path):
+    root, model, faces = setup
+    idx = tmp_path / "idx"
+    assert run("index", "build", root / "gallery", "--model", model, "-o", idx).exit_code == 0
+    onnx_path = tmp_path / "m.onnx"
+    exp = run("export", "--onnx", onnx_path, "--checkpoint", model, "--exporter", "torchscript")
+    assert exp.exit_code == 0, exp.output
+    a = json.loads(run("search", root / "gallery", "--index", idx, "--json").stdout)
+    b = json.loads(run("search", root / "gallery", "--index", idx, "--model", onnx_path, "--json").stdout)
+    assert [r["identity"] for r in a] == [r["identity"] for r in b]
+    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_build_errors_leave_nothing_behind(setup, tmp_path):
+    root, model, faces = setup
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("index", "build", tmp_path / "empty", "--model", model, "-o", tmp_path / "i"),
+                          "the gallery is empty")
+    g = tmp_path / "g"
+    make_faces(g, ["ann", "bob"], 2)
+    (g / "bob" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    assert_one_line_error(run("index", "build", g, "--model", model, "-o", tmp_path / "i"),
+                          "1 unreadable image(s)", "broken.jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "g"]  # no index, no temp folder
+    ok = run("index", "build", g, "--model", model, "-o", tmp_path / "i", "--skip-missing")
+    assert ok.exit_code == 0 and "indexed 4 images" in ok.stdout and "skipped 1" in ok.stdout
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "mine.txt").write_text("x")
+    assert_one_line_error(run("index", "build", g, "--model", model, "-o", tmp_path / "keep", "--skip-missing"),
+                          "not a gallery index folder")
+    assert (tmp_path / "keep" / "mine.txt").exists()
+
+
+def test_search_errors(setup, tmp_path):
+    root, model, faces = setup
+    idx = tmp_path / "idx"
+    assert run("index", "build", root / "gallery", "--model", model, "-o", idx).exit_code == 0
+    other = make_model_file(tmp_path / "other.pt", seed=1)
+    assert_one_line_error(run("search", faces["ann"][0], "--index", idx, "--model", other),
+                          "index was built with model", "search with the model the index was built with")
+    wide = make_model_file(tmp_path / "wide.pt", seed=1, dim=48)
+    assert_one_line_error(run("search", faces["ann"][0], "--index", idx, "--model", wide), "48-d")
+    assert_one_line_error(run("index", "add", idx, faces["ann"][0], "--model", other), "index was built with model")
+    text = tmp_path / "query.jpg"
+    text.write_text("I am not an image")
+    assert_one_line_error(run("search", text, "--index", idx), "1 unreadable image(s)", "query.jpg")
+    assert_one_line_error(run("search", tmp_path / "gone.jpg", "--index", idx), "gone.jpg: no such file")
+    assert_one_line_error(run("search", faces["ann"][0], "--index", root / "gallery", "--model", model),
+                          "not a gallery index")
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("nope")
+    assert_one_line_error(run("search", faces["ann"][0], "--index", idx, "--model", junk), "not a valid ONNX model")
+    (idx / "index.faiss").write_bytes(b"corrupt")
+    assert_one_line_error(run("search", faces["ann"][0], "--index", idx, "--model", model), "not a faiss index")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("search", tmp_path / "empty", "--index", idx, "--model", model), "holds no images")

@@ -1,0 +1,257 @@
+"""`facefuse verify` end to end through the CLI, checked against an independent computation, and
+each kind of bad input: exit code 2 and one `error: ...` line."""
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from cli import main
+from export.runtime import TorchEmbedder
+from index import metrics
+from trainer.checkpoint import ModelMeta, save_model_file
+from trainer.config import ModelConfig
+from trainer.model import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads spin-waiting for each other make
+    these tiny models 10-30x slower. Restored afterwards for other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model_file(path, seed=0, dim=32):
+    cfg = ModelConfig(backbone="resnet18", embedding_dim=dim, image_size=64, width=0.25)
+    torch.manual_seed(seed)
+    model = build_model(cfg, 10).eval()
+    save_model_file(path, model, ModelMeta.for_model(cfg, model, 10, (0.5,) * 3, (0.5,) * 3))
+    return path
+
+
+def make_identities(root, n_ids, per_id, seed=0, layout="lfw"):
+    """Synthetic faces: a smooth random pattern per identity, plus per-image noise."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n_ids):
+        name = f"Person_{chr(65 + i)}"
+        base = rng.normal(128, 50, (8, 8, 3))
+        out[name] = []
+        for j in range(1, per_id + 1):
+            img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+            p = root / name / f"{name}_{j:04d}.jpg" if layout == "lfw" else root / f"{name}_{j}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).resize((72, 72), Image.BICUBIC).save(p)
+            out[name].append(p)
+    return out
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    model = make_model_file(root / "model.pt")
+    ids = make_identities(root / "imgs", 5, 3)
+    names = list(ids)
+    same = [(ids[n][a], ids[n][b]) for n in names for a, b in ((0, 1), (1, 2))]
+    diff = [(ids[names[i]][0], ids[names[(i + k) % 5]][2]) for i in range(5) for k in (1, 2)]
+    return root, model, ids, same, diff
+
+
+def _independent_scores(model, pa, pb):
+    emb = TorchEmbedder(model, device="cpu")
+    ea, _ = emb.embed_paths(pa, num_workers=0)
+    eb, _ = emb.embed_paths(pb, num_workers=0)
+    return np.sum(ea.astype(np.float64) * eb, 1)
+
+
+def test_plain_labelled_pairs(data):
+    root, model, ids, same, diff = data
+    rows = [(a, b, 1) for a, b in same] + [(a, b, 0) for a, b in diff]
+    pairs = root / "pairs.csv"
+    pairs.write_text("\n".join(f"{a.relative_to(root / 'imgs')},{b.relative_to(root / 'imgs')},"
+                               f"{'same' if y else 'different'}" for a, b, y in rows) + "\n")
+    out = run("verify", pairs, "--model", model, "--root", root / "imgs", "--json",
+              "--out", root / "scores.csv", "--plot", root / "roc.png", "--batch-size", 4)
+    assert out.exit_code == 0, out.output
+    m = json.loads(out.stdout)
+    y = np.array([r[2] for r in rows])
+    s = _independent_scores(model, [r[0] for r in rows], [r[1] for r in rows])
+    assert m["pairs"] == m["scored_pairs"] == 20 and m["images"] == 15 and m["skipped_images"] == 0
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+    brute = max(np.mean((s >= t) == y) for t in np.r_[s, s.max() + 1])
+    assert m["best_accuracy"] == pytest.approx(brute)
+    assert m["eer"] == pytest.approx(metrics.eer(s, y), abs=1e-5)
+    assert "kfold_accuracy" not in m
+    with open(root / "scores.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["line"]) for r in table] == list(range(1, 21))
+    np.testing.assert_allclose([float(r["score"]) for r in table], s, atol=2e-6)
+    assert [int(r["label"]) for r in table] == y.tolist()
+    assert [int(r["same"]) for r in table] == (s >= m["best_threshold"] - 1e-6).astype(int).tolist()
+    assert (root / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lfw_format_folds_and_text_output(data, tmp_path):
+    root, model, ids, same, diff = data
+    names = list(ids)
+    lines = ["2\t2"]
+    for f in range(2):
+        lines += [f"{names[f]}\t1\t2", f"{names[f + 2]}\t2\t3"]
+        lines += [f"{names[f]}\t1\t{names[4]}\t3", f"{names[f + 2]}\t2\t{names[4 - f]}\t1"]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(lines) + "\n")
+    res = run("verify", pairs, "--model", model, "--root", root / "imgs", "--json")
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    from index.pairs import read_pairs
+    p = read_pairs(pairs, root=root / "imgs")
+    s = _independent_scores(model, p.paths_a, p.paths_b)
+    mean, std, _, _ = metrics.kfold_accuracy(s, p.labels, p.folds)
+    assert m["format"] == "lfw" and m["kfold_n"] == 2
+    assert m["kfold_accuracy"] == pytest.approx(mean) and m["kfold_std"] == pytest.approx(std)
+    text = run("verify", pairs, "--model", model, "--root", root / "imgs")
+    assert text.exit_code == 0 and "kfold_accuracy" in text.stdout and "roc_auc" in text.stdout
+
+
+def test_unlabelled_with_threshold_and_flip(data, tmp_path):
+    root, model, ids, same, diff = data
+    rows = same[:3] + diff[:3]
+    pairs = tmp_path / "p.txt"
+    pairs.write_text("\n".join(f"{a}\t{b}" for a, b in rows) + "\n")  # absolute paths
+    s = _independent_scores(model, [a for a, _ in rows], [b for _, b in rows])
+    t = float(np.median(s))
+    res = run("verify", pairs, "--model", model, "--threshold", t, "--json", "--out", tmp_path / "o.csv")
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert "roc_auc" not in m and m["same"] == int(np.sum(s >= t)) and m["same"] + m["different"] == 6
+    with open(tmp_path / "o.csv") as f:
+        table = list(csv.DictReader(f))
+    assert "label" not in table[0] and [int(r["same"]) for r in table] == (s >= t).astype(int).tolist()
+    flip = run("verify", pairs, "--model", model, "--flip", "--out", tmp_path / "f.csv")
+    assert flip.exit_code == 0, flip.output
+    with open(tmp_path / "f.csv") as f:
+        fs = np.array([float(r["score"]) for r in csv.DictReader(f)])
+    assert np.abs(fs - s).max() > 1e-4  # flip TTA is really applied
+
+
+def test_onnx_model_gives_the_same_scores(data, tmp_path):
+    root, model, ids, same, diff = data
+    onnx_path = tmp_path / "m.onnx"
+    res = run("export", "--onnx", onnx_path, "--checkpoint", model, "--exporter", "torchscript",
+              "--check-images", root / "imgs")
+    assert res.exit_code == 0, res.output
+    assert "torchscript exporter" in res.stdout and "min cosine" in res.stdout
+    pairs = tmp_path / "p.txt"
+    pairs.write_text("\n".join(f"{a} {b} 1" for a, b in same) + "\n"
+                     + "\n".join(f"{a} {b} 0" for a, b in diff) + "\n")
+    a = run("verify", pairs, "--model", model, "--out", tmp_path / "a.csv", "--json")
+    b = run("verify", pairs, "--model", onnx_path, "--out", tmp_path / "b.csv", "--json")
+    assert a.exit_code == b.exit_code == 0, a.output + b.output
+    read = lambda p: np.array([float(r["score"]) for r in csv.DictReader(open(p))])  # noqa: E731
+    np.testing.assert_allclose(read(tmp_path / "a.csv"), read(tmp_path / "b.csv"), atol=1e-5)
+
+
+def test_real_lfw_images(lfw, data, tmp_path):
+    from index.pairs import read_pairs
+    p = read_pairs(lfw / "pairsDevTest.txt", root=lfw / "lfw-112")
+    pick = list(range(6)) + list(range(500, 506))
+    pairs = tmp_path / "lfw.txt"
+    pairs.write_text("".join(f"{p.paths_a[k]}\t{p.paths_b[k]}\t{p.labels[k]}\n" for k in pick))
+    res = run("verify", pairs, "--model", data[1], "--json")
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    s = _independent_scores(data[1], [p.paths_a[k] for k in pick], [p.paths_b[k] for k in pick])
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(p.labels[pick], s), abs=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_pairs_line(data, tmp_path):
+    root, model, *_ = data
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1\t1\nA\t1\t2\t3\t4\nB\t1\tC\t1\n")
+    assert_one_line_error(run("verify", pairs, "--model", model, "--out", tmp_path / "s.csv"),
+                          "pairs.txt:2: expected 3 or 4 fields, got 5")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_missing_images_are_listed_with_lines_or_skipped(data, tmp_path):
+    root, model, ids, same, diff = data
+    rows = [f"{a} {b} 1" for a, b in same] + [f"{a} {b} 0" for a, b in diff]
+    rows[3] = f"{tmp_path / 'gone.jpg'} {same[3][1]} 1"
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(rows) + "\n")
+    res = run("verify", pairs, "--model", model, "--out", tmp_path / "s.csv", "--plot", tmp_path / "r.png")
+    assert_one_line_error(res, "1 missing image(s)", "gone.jpg: no such file (pairs.txt:4)", "--skip-missing")
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "r.png").exists()
+    ok = run("verify", pairs, "--model", model, "--skip-missing", "--json", "--out", tmp_path / "s.csv")
+    assert ok.exit_code == 0, ok.output
+    m = json.loads(ok.stdout)
+    assert m["skipped_images"] == 1 and m["scored_pairs"] == 19 and m["pairs"] == 20
+    table = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert table[3]["score"] == "" and table[4]["score"] != ""
+
+
+def test_undecodable_image(data, tmp_path):
+    root, model, ids, same, diff = data
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("this is text, not a JPEG")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{same[0][0]} {same[0][1]}\n{bad} {same[1][1]}\n")
+    assert_one_line_error(run("verify", pairs, "--model", model), "1 unreadable image(s)", "bad.jpg",
+                          "(pairs.txt:2)")
+
+
+@pytest.mark.parametrize("content,fragment", [(b"plain text, not a model", "not a valid ONNX model"),
+                                              (b"PK\x03\x04broken zip", "not a facefuse checkpoint")])
+def test_model_that_is_not_one(data, tmp_path, content, fragment):
+    root, model, ids, same, diff = data
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(content)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{same[0][0]} {same[0][1]}\n")
+    assert_one_line_error(run("verify", pairs, "--model", bad), fragment)
+
+
+def test_option_errors(data, tmp_path):
+    root, model, ids, same, diff = data
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{same[0][0]} {same[0][1]}\n")
+    assert_one_line_error(run("verify", pairs, "--model", model, "--plot", tmp_path / "r.png"), "--plot needs labels")
+    assert_one_line_error(run("verify", pairs, "--model", model, "--plot", tmp_path / "r.xyz"),
+                          "unsupported image format 'xyz'")
+    assert_one_line_error(run("verify", tmp_path / "none.txt", "--model", model), "pairs file not found")
+    assert_one_line_error(run("verify", pairs, "--model", tmp_path / "none.pt"), "no such model")
+    one_class = tmp_path / "one.txt"
+    one_class.write_text(f"{same[0][0]} {same[0][1]} 1\n")
+    assert_one_line_error(run("verify", one_class, "--model", model), "both same-person and different-person")
+
+
+def test_debug_shows_the_exception(data, tmp_path):
+    from trainer.errors import FacefuseError
+    res = CliRunner().invoke(main, ["--debug", "verify", str(tmp_path / "none.txt"), "--model", str(data[1])])
+    assert isinstance(res.exception, FacefuseError)
