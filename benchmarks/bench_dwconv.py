@@ -35,7 +35,28 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time (ms)")
+    p.add_argument("--bwd-reps", type=int, default=50, help="timed backward passes (each after a forward)")
     return p.parse_args(argv)
+
+
+def time_backward(forward, dy, params, reps):
+    """Median ms of ``y.backward(dy)`` alone, timed with CUDA events after an untimed forward (no
+    retain_graph, which compiled graphs with donated buffers refuse)."""
+    import torch
+
+    times = []
+    for i in range(reps + 1):  # iteration 0 warms up
+        for p in params:
+            p.grad = None
+        y = forward()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.backward(dy)
+        end.record()
+        torch.cuda.synchronize()
+        if i > 0:
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None) -> int:
@@ -77,15 +98,12 @@ def main(argv=None) -> int:
             row = {"shape": f"{args.batch}x{H}x{W}x{C}", "pass": mode, "max_abs_diff_vs_cudnn": max_diff}
             nbytes = BYTES_FACTOR[mode] * x.numel() * x.element_size()
             for name, fwd in providers.items():
-                if mode == "fwd":
-                    fn = fwd
-                elif mode == "fwd+bwd":
-                    fn = lambda fwd=fwd: fwd().backward(dy)  # noqa: E731
+                if mode == "bwd":
+                    ms = time_backward(fwd, dy, params, args.bwd_reps)
                 else:
-                    y = fwd()
-                    fn = lambda y=y: y.backward(dy, retain_graph=True)  # noqa: E731
-                fn()  # autotune / compile outside the timing
-                ms = do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=params, return_mode="median")
+                    fn = fwd if mode == "fwd" else (lambda fwd=fwd: fwd().backward(dy))
+                    fn()  # autotune / compile outside the timing
+                    ms = do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=params, return_mode="median")
                 row[f"{name}_ms"] = ms
                 row[f"{name}_gbps"] = nbytes / (ms * 1e-3) / 1e9
             row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["triton_ms"]
@@ -100,7 +118,9 @@ def main(argv=None) -> int:
     columns = ["shape", "pass"] + [f"{p}_{k}" for k in ("ms", "gbps") for p in PROVIDERS]
     print_table(rows, columns + ["speedup_vs_cudnn", "speedup_vs_compile", "max_abs_diff_vs_cudnn"])
     settings = dict(batch=args.batch, dtype=args.dtype, shapes_hwc=SHAPES, layout="channels_last",
-                    bias=True, warmup_ms=args.warmup, rep_ms=args.rep, timing="triton.testing.do_bench median",
+                    bias=True, warmup_ms=args.warmup, rep_ms=args.rep, bwd_reps=args.bwd_reps,
+                    timing="fwd, fwd+bwd: triton.testing.do_bench median; bwd: CUDA events around "
+                           "y.backward(dy) after an untimed forward, median",
                     bytes="fwd 2x, bwd 3x, fwd+bwd 5x the size of x", cudnn_benchmark=True)
     path = write_results("dwconv", device_name(), settings, rows)
     print(f"wrote {path}")

@@ -10,10 +10,12 @@ Math, for x of logical shape N x C x H x W stored NHWC, weight C x 1 x 7 x 7, bi
     (x outside the image is zero.)
 
 Design. A program owns a block of channels (contiguous in NHWC, so every load is coalesced) and a
-block of output pixels; it loops over the 49 taps with masked loads (the halo comes from L1/L2) and
-accumulates in fp32. Grad input reuses the forward kernel with the flipped taps. Grad weight and
-bias: programs over (pixel split, channel block) reduce their pixel range per tap into fp32
-partials (splits x 49 x C, splits x C) that the host sums: deterministic, no atomics.
+block of output pixels; it loops over the 49 taps (7 rows at run time, 7 columns unrolled) with
+masked loads (the halo comes from L1/L2) and accumulates in fp32. Grad input reuses the forward
+kernel with the flipped taps. Grad weight and bias: programs over (pixel split, channel block) load
+each dy block once, reduce dy * shifted x over the pixels for every tap into a 64 x BLOCK_C register
+tile, and write fp32 partials (splits x 49 x C, splits x C) that the host sums: deterministic, no
+atomics.
 Weight and bias may be fp32 while x is bf16/fp16 (the usual autocast setting): they are read as
 fp32; the output has x's dtype, each gradient its input's dtype.
 """
@@ -37,30 +39,30 @@ from kernels._common import (
 
 K = 7  # kernel size
 PAD = 3  # padding
-_PIXEL_GRANULE = 128 if INTERPRETING else 512  # pixels per grad-weight split are a multiple of this
+_PIXEL_GRANULE = 256 if INTERPRETING else 512  # pixels per grad-weight split: a multiple of this (>= 2 blocks)
 
-# Elementwise-style kernels (no tl.dot, little shared memory): every config fits the L40 (sm_89)
-# as well as Hopper (H100/H200); the wide-pixel ones suit Hopper's larger register file best.
+# No tl.dot and almost no shared memory: every config fits the L40 (sm_89) and Hopper (H100/H200)
+# alike; an offline compile (bf16) showed <= 200 registers per thread and no spills for all of them.
 _FWD_CONFIGS = pick_configs(
     [
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),  # L40 / Hopper
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),  # L40 / Hopper
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),  # L40 / Hopper
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),  # L40 / Hopper
-        triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8),  # Hopper
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),  # L40 / Hopper, wide C stages
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),
+        triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),  # wide-channel late stages
     ],
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=1),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=1),
 )
 _BWD_W_CONFIGS = pick_configs(
     [
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),  # L40 / Hopper
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),  # L40 / Hopper
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),  # L40 / Hopper
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),  # L40 / Hopper
-        triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8),  # Hopper
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),
+        triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8),
     ],
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=1),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=1),
 )
 
 
@@ -79,14 +81,16 @@ def _dwconv7x7_kernel(
     h = (p // W) % H
     w = p % W
     x_base = x_ptr + p.to(tl.int64)[:, None] * C + c[None, :]
+    w_base = w_ptr + c
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in range(7):  # a runtime loop: unrolling all 49 taps would keep 49 loads in flight and spill
         row_ok = p_ok & (h >= 3 - kh) & (h < H + 3 - kh)  # input row h + kh - 3 inside the image
+        x_row = x_base + ((kh - 3) * W - 3) * C  # same image, shifted by (kh - 3, -3)
+        w_row = w_base + kh * 7 * C
         for kw in tl.static_range(7):
             ok = row_ok & (w >= 3 - kw) & (w < W + 3 - kw)  # input column w + kw - 3 inside the image
-            shift = ((kh - 3) * W + (kw - 3)) * C  # same image, shifted by (kh - 3, kw - 3)
-            xv = tl.load(x_base + shift, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + (kh * 7 + kw) * C + c, mask=c_ok, other=0.0)
+            xv = tl.load(x_row + kw * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_row + kw * C, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -101,36 +105,38 @@ def _dwconv7x7_bwd_w_kernel(
     NHW, H, W, C, P_PER_SPLIT,  # shapes
     HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # meta
 ):
-    # per tap: sum over this split's pixels of dy[p, c] * x[p shifted by the tap, c]
+    # dw[tap, c] = sum over this split's pixels p of dy[p, c] * x[p shifted by the tap, c], and
+    # db[c] = sum of dy[p, c]. dy is loaded once per pixel block; the 49 per-tap sums live in rows of
+    # one (64 x BLOCK_C) register tile (row kh*7 + kw), written once at the end.
     pid_s = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    taps = tl.arange(0, 64)
     p_begin = pid_s * P_PER_SPLIT
     p_end = tl.minimum(p_begin + P_PER_SPLIT, NHW)
-    for kh in tl.static_range(7):
-        for kw in tl.static_range(7):
-            shift = ((kh - 3) * W + (kw - 3)) * C  # input pixel = output pixel shifted by (kh - 3, kw - 3)
-            acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-            for p0 in range(p_begin, p_end, BLOCK_P):
-                p = p0 + tl.arange(0, BLOCK_P)
-                p_ok = p < p_end
-                h = (p // W) % H
-                w = p % W
-                offs = p.to(tl.int64)[:, None] * C + c[None, :]
-                dyv = tl.load(dy_ptr + offs, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
-                ok = p_ok & (h >= 3 - kh) & (h < H + 3 - kh) & (w >= 3 - kw) & (w < W + 3 - kw)
-                xv = tl.load(x_ptr + offs + shift, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                acc += dyv.to(tl.float32) * xv.to(tl.float32)
-            tl.store(dw_ptr + (pid_s * 49 + kh * 7 + kw) * C + c, tl.sum(acc, axis=0), mask=c_ok)
+    acc_w = tl.zeros((64, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < p_end
+        h = (p // W) % H
+        w = p % W
+        offs = p.to(tl.int64)[:, None] * C + c[None, :]
+        dy = tl.load(dy_ptr + offs, mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc_b += tl.sum(dy, axis=0)
+        for kh in range(7):
+            row_ok = p_ok & (h >= 3 - kh) & (h < H + 3 - kh)  # input row h + kh - 3 inside the image
+            x_row = x_ptr + offs + ((kh - 3) * W - 3) * C  # same image, shifted by (kh - 3, -3)
+            for kw in tl.static_range(7):
+                ok = row_ok & (w >= 3 - kw) & (w < W + 3 - kw)  # input column w + kw - 3 inside
+                xv = tl.load(x_row + kw * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                part = tl.sum(dy * xv.to(tl.float32), axis=0)
+                acc_w = tl.where(taps[:, None] == kh * 7 + kw, acc_w + part[None, :], acc_w)
+    dst = dw_ptr + (pid_s * 49 + taps)[:, None] * C + c[None, :]
+    tl.store(dst, acc_w, mask=(taps < 49)[:, None] & c_ok[None, :])
     if HAS_BIAS:
-        # db: sum over this split's pixels of dy
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for p0 in range(p_begin, p_end, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            dyv = tl.load(dy_ptr + p.to(tl.int64)[:, None] * C + c[None, :],
-                          mask=(p < p_end)[:, None] & c_ok[None, :], other=0.0)
-            acc += dyv.to(tl.float32)
-        tl.store(db_ptr + pid_s * C + c, tl.sum(acc, axis=0), mask=c_ok)
+        tl.store(db_ptr + pid_s * C + c, acc_b, mask=c_ok)
 
 
 def _conv(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -172,6 +178,7 @@ class _DepthwiseConv7x7(torch.autograd.Function):
         return _conv(x, _taps(weight), bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)

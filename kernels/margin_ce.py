@@ -34,11 +34,13 @@ on exact values). The kernels never write a B x C tensor:
   by 1/||x||, 1/||w|| (O(B), O(C) vectors), substitutes the target logit and keeps an online
   log-sum-exp, the logit sum (label smoothing) and the cos argmax. The O(B x splits) partials are
   merged on the host. Saved for backward: lse, the norms, the target terms (all O(B) or O(C)).
-- backward dx: programs over (row block, class split) recompute the cos tile, form dcos and
-  accumulate dcos @ wh over their classes (full-D accumulator); the per-split partials (splits x B x D,
-  fp32) are summed on the host: deterministic, no atomics.
-- backward dW: programs over class blocks own their rows, loop over all rows of x, and write dW in
-  the input dtype directly (normalisation chain fused), with no C x D fp32 buffer.
+- backward dx: programs over (row block, class split, column chunk of D) recompute the cos tile,
+  form dcos and accumulate dcos @ wh[:, chunk] over their classes; the per-split partials
+  (splits x B x D, fp32) are summed on the host: deterministic, no atomics.
+- backward dW: programs over (class block, column chunk of D) own their rows of dW, loop over all
+  rows of x, and write dW in the input dtype directly (normalisation chain fused): no C x D fp32
+  buffer. Column chunks (BLOCK_DO) bound the accumulators for any D; when D > BLOCK_DO the cos
+  tiles are recomputed once per chunk (the autotuner weighs that against tile size).
 All accumulation is fp32; bf16/fp16 operands go to tensor cores as they are, fp32 operands as 3xTF32
 (near-fp32 accuracy).
 """
@@ -68,10 +70,10 @@ CLAMP_EPS = 1e-7  # target cos is clamped to [-1 + CLAMP_EPS, 1 - CLAMP_EPS] bef
 _SPLIT_GRANULE = 64 if INTERPRETING else 256  # classes per split are a multiple of this
 _MAX_DX_SPLITS = 32  # bounds the splits x B x D fp32 partial buffer of the dx kernel
 
-# Autotune lists. Comments give the shared memory of each config from an offline compile
-# (bf16, D=512) for sm_89 (NVIDIA L40: ~99 KB per block) and sm_90 (H100/H200: ~227 KB), and which
-# GPU it is meant for; a config that does not fit a GPU fails to compile there and the autotuner
-# skips it. Spilling configs were dropped.
+# Autotune lists, checked by compiling offline (no GPU) for sm_89 (NVIDIA L40, ~99 KB shared memory
+# per block) and sm_90 (H100/H200, ~227 KB). Comments give the shared memory each needs there (bf16,
+# D=512); a config that does not fit a GPU fails to compile on it and the autotuner skips it.
+# fp32 operands (3xTF32) need 1.5-3x more: on the L40 only the 64 x 64 forward tiles fit then.
 _FWD_CONFIGS = pick_configs(
     [
         # BLOCK_B x BLOCK_C cosine tile, K loop over D in BLOCK_K steps
@@ -80,34 +82,29 @@ _FWD_CONFIGS = pick_configs(
         triton.Config({"BLOCK_B": 64, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # L40 48K / H 72K
         triton.Config({"BLOCK_B": 128, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # L40 48K / H 72K
         triton.Config({"BLOCK_B": 128, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # L40 64K / H 96K
-        triton.Config({"BLOCK_B": 128, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),  # Hopper 128K
-        triton.Config({"BLOCK_B": 64, "BLOCK_C": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # Hopper 120K
+        triton.Config({"BLOCK_B": 128, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),  # L40 96K / H 128K
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # L40 80K / H 120K
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),  # fp32 L40 48K/H 56K
     ],
     triton.Config({"BLOCK_B": 16, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=1, num_stages=1),
 )
-# Backward tiles hold the full (padded) feature dimension BLOCK_D, so they are small.
-_BWD_DX_CONFIGS = pick_configs(
-    [
-        triton.Config({"BLOCK_B": 16, "BLOCK_C": 32}, num_warps=4, num_stages=2),  # L40 / Hopper 49K
-        triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=8, num_stages=2),  # L40 / Hopper 66K
-        triton.Config({"BLOCK_B": 16, "BLOCK_C": 64}, num_warps=8, num_stages=2),  # L40 / Hopper 82K
-        triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=8, num_stages=3),  # L40 / Hopper 98K
-        triton.Config({"BLOCK_B": 32, "BLOCK_C": 64}, num_warps=8, num_stages=2),  # Hopper 100K
-        triton.Config({"BLOCK_B": 16, "BLOCK_C": 128}, num_warps=8, num_stages=2),  # Hopper 149K
-    ],
-    triton.Config({"BLOCK_B": 16, "BLOCK_C": 32}, num_warps=1, num_stages=1),
-)
-_BWD_DW_CONFIGS = pick_configs(
-    [
-        triton.Config({"BLOCK_B": 32, "BLOCK_C": 16}, num_warps=4, num_stages=2),  # L40 / Hopper 50K
-        triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=8, num_stages=2),  # L40 / Hopper 67K
-        triton.Config({"BLOCK_B": 64, "BLOCK_C": 16}, num_warps=8, num_stages=2),  # L40 / Hopper 84K
-        triton.Config({"BLOCK_B": 16, "BLOCK_C": 64}, num_warps=8, num_stages=2),  # Hopper 82K (spills on L40)
-        triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=8, num_stages=3),  # Hopper 100K
-        triton.Config({"BLOCK_B": 64, "BLOCK_C": 32}, num_warps=8, num_stages=2),  # Hopper 102K
-    ],
-    triton.Config({"BLOCK_B": 16, "BLOCK_C": 32}, num_warps=1, num_stages=1),
-)
+# Backward: BLOCK_B x BLOCK_C cosine tile (K loop in BLOCK_K steps) and BLOCK_DO output columns per
+# program (D / BLOCK_DO programs share, and recompute, each cosine tile). bf16 at D=512: all fit both
+# GPUs without spilling (<= 66 KB on either); fp32 spills in most, except the BLOCK_K=32 ones.
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 64, "BLOCK_DO": 512}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 16, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_DO": 512}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 64, "BLOCK_C": 32, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 32, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 32, "BLOCK_DO": 128}, num_warps=4, num_stages=2),  # fp32
+]
+_BWD_INTERP_CONFIG = triton.Config({"BLOCK_B": 16, "BLOCK_C": 32, "BLOCK_K": 32, "BLOCK_DO": 32}, num_warps=1,
+                                   num_stages=1)
+_BWD_DX_CONFIGS = pick_configs(_BWD_CONFIGS, _BWD_INTERP_CONFIG)
+_BWD_DW_CONFIGS = pick_configs(_BWD_CONFIGS, _BWD_INTERP_CONFIG)
 _NORM_BLOCK_R, _NORM_BLOCK_D = (16, 32) if INTERPRETING else (16, 128)
 
 
@@ -145,13 +142,13 @@ def _mm(a, b, acc, INTERP: tl.constexpr, DOT_PREC: tl.constexpr):
 @triton.jit
 def _dcos_tile(dot, inv_nx, inv_nw, labels, cols, row_ok, col_ok, lse, zt, dphi, g, s, ls, ls_c):
     # cos tile and dL/dcos tile of one (row block, class block), both fp32, zero outside the masks.
+    ok = row_ok[:, None] & col_ok[None, :]
     cos = dot * inv_nx[:, None] * inv_nw[None, :]
     is_t = cols[None, :] == labels[:, None]
     z = tl.where(is_t, zt[:, None], s * cos)
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp(tl.where(ok, z - lse[:, None], float("-inf")))  # masked lanes: p = 0, no overflow
     dz = g[:, None] * (p - ls_c - tl.where(is_t, 1.0 - ls, 0.0))
-    dcos = dz * s * tl.where(is_t, dphi[:, None], 1.0)
-    dcos = tl.where(row_ok[:, None] & col_ok[None, :], dcos, 0.0)
+    dcos = tl.where(ok, dz * s * tl.where(is_t, dphi[:, None], 1.0), 0.0)
     return cos, dcos
 
 
@@ -437,6 +434,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         return per_row.mean(), per_row, preds
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean, g_row, _g_preds):
         x, weight, labels, *saved = ctx.saved_tensors
         if g_mean is None and g_row is None:
@@ -514,7 +512,7 @@ def margin_cross_entropy(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, l
             raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), got strides {t.stride()}")
     _check_label_range(labels, weight)
     mean, per_row, preds = _MarginCrossEntropy.apply(
-        x, weight, labels.long(), float(s), float(m1), float(m2), float(m3), float(label_smoothing))
+        x, weight, labels.long().contiguous(), float(s), float(m1), float(m2), float(m3), float(label_smoothing))
     return _pack(mean, per_row, preds, return_per_row, return_preds)
 
 
@@ -536,7 +534,8 @@ def margin_cross_entropy_reference(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5,
     c = cos_t.clamp(-1.0 + CLAMP_EPS, 1.0 - CLAMP_EPS)
     theta = torch.acos(c)
     th_star = (math.pi - m2) / m1
-    phi = torch.where(theta <= th_star, torch.cos(m1 * theta + m2) - m3, torch.cos(theta) - math.cos(th_star) - 1.0 - m3)
+    phi = torch.where(theta <= th_star, torch.cos(m1 * theta + m2) - m3,
+                      torch.cos(theta) - math.cos(th_star) - 1.0 - m3)
     is_target = torch.arange(C, device=labels.device)[None, :] == labels[:, None]
     z = s * torch.where(is_target, phi[:, None], cos)
     per_row = (torch.logsumexp(z, dim=1) - (1.0 - label_smoothing) * s * phi

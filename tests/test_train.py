@@ -160,3 +160,29 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     # the step really moved the weights (so the comparison is not of two initial states)
     moved = [n for n, t in one["model"].items() if t.is_floating_point() and "weight" in n]
     assert init is None and moved
+
+
+def test_triton_kernels_in_a_training_step(tmp_path):
+    """--kernels triton trains through both fused kernels (interpreted on CPU) and matches --kernels torch."""
+    data = write_faces(tmp_path / "faces", n_identities=3, n_images=2, size=32)
+    args = ["--epochs", "1", "--batch-size", "6", "--hflip", "0", "--val-fraction", "0", "--warmup", "0",
+            "--optimizer", "sgd", "--lr", "0.1", "--loss", "arcface", "--backbone", "convnext_atto",
+            "--embedding-dim", "16", "--image-size", "32", "--workers", "0", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    runs = {}
+    for backend in ("torch", "triton"):
+        cmd = [sys.executable, str(REPO / "cli.py"), "train", "--data", str(data), "--out", str(tmp_path / backend),
+               "--kernels", backend, *args]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[backend] = load(tmp_path / backend / "checkpoints" / "last.pt")["model"]
+    for name, t in runs["torch"].items():
+        torch.testing.assert_close(runs["triton"][name], t, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_triton_without_gpu_or_interpreter_is_an_error(faces, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", "--data", str(faces), "--out",
+                        str(tmp_path / "run"), "--kernels", "triton", "--device", "cpu", *TINY],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "--kernels triton needs --device cuda" in r.stderr

@@ -151,6 +151,12 @@ class Trainer:
                                 "another --out")
         if cfg.model.kernel_backend == "auto":
             cfg.model.kernel_backend = default_backend(self.device)
+        if cfg.model.kernel_backend == "triton" and self.device.type != "cuda":
+            from kernels._common import INTERPRETING
+
+            if not INTERPRETING:
+                raise FacefuseError("--kernels triton needs --device cuda (or TRITON_INTERPRET=1 to interpret "
+                                    "the kernels on CPU, slowly); use --kernels torch")
         torch.manual_seed(cfg.seed)
         self.train_set, self.val_set, self.skipped = prepare_data(cfg, self.log)
         self.classes = self.train_set.classes

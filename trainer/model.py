@@ -125,7 +125,7 @@ class FaceModel(nn.Module):
         loss = emb.new_zeros((), dtype=torch.float32)
         preds = None
         if self.head is not None:
-            h = self.dropout(emb).float()
+            h = self.dropout(emb)
             out = self.head(h, labels)
             loss = loss + (lam * out.loss if labels_b is not None else out.loss)
             preds = out.preds

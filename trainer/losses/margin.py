@@ -166,8 +166,10 @@ class MarginHead(nn.Module):
             from kernels.margin_ce import margin_cross_entropy
 
             m1, m2, m3 = self.margins
+            # under autocast the embeddings are bf16/fp16 and the master weights fp32: the kernel
+            # reads both in the embeddings' dtype and accumulates in fp32
             loss, _, preds = margin_cross_entropy(
-                emb, self.weight, labels, s=self.s, m1=m1, m2=m2, m3=m3,
+                emb, self.weight.to(emb.dtype), labels, s=self.s, m1=m1, m2=m2, m3=m3,
                 label_smoothing=self.label_smoothing, return_preds=True,
             )
             return HeadOutput(loss, preds)
