@@ -15,7 +15,7 @@ Three formats are recognised from the first non-empty line:
     and lines starting with ``#`` are skipped. No folds.
 
 LFW image paths are ``<root>/<name>/<name>_<i:04d><ext>``; plain relative paths are resolved
-against ``root``. Without a root, the pairs file's own folder is used.
+against ``root``. Without a root, the pairs file's own folder is used (LFW files: its ``lfw-112`` sub-folder when present).
 
 Every malformed line raises :class:`FacefuseError` naming the file and the line number.
 """
@@ -90,6 +90,8 @@ def read_pairs(path: str | Path, root: str | Path | None = None, ext: str = ".jp
     if len(head) in (1, 2) and all(f.isdigit() for f in head):
         folds, per_side = (1, int(head[0])) if len(head) == 1 else (int(head[0]), int(head[1]))
         fmt = "lfw-dev" if len(head) == 1 else "lfw"
+        if root is None and (path.parent / "lfw-112").is_dir():
+            base = path.parent / "lfw-112"  # the aligned LFW images beside the official pairs files
         return _read_lfw(path, fmt, rows[1:], folds, per_side, base, ext)
     return _read_plain(path, rows, base)
 

@@ -54,7 +54,6 @@ class PairsValidator:
     def __init__(self, pairs_file: str, root: str | None, fold: int | None):
         from index.pairs import read_pairs
 
-        root = root or _default_root(Path(pairs_file))
         pairs = read_pairs(pairs_file, root=root)
         if pairs.labels is None:
             raise FacefuseError(f"--val-pairs {pairs_file}: validation pairs need same/different labels")
@@ -94,8 +93,3 @@ class PairsValidator:
             return {"n_pairs": int(len(s)), "error": "non-finite scores"}
         return verification_metrics(s, self.labels, folds=self.folds)
 
-
-def _default_root(pairs_file: Path) -> Path:
-    """LFW's pairs files sit beside ``lfw-112/``; plain files resolve against their own folder."""
-    aligned = pairs_file.parent / "lfw-112"
-    return aligned if aligned.is_dir() else pairs_file.parent
