@@ -42,3 +42,33 @@ def write_faces(root, n_identities=4, n_images=6, size=48, seed=0, ext=".jpg"):
 @pytest.fixture
 def faces(tmp_path):
     return write_faces(tmp_path / "faces")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads spin-waiting for each other make
+    tiny models 10-30x slower. Restored afterwards for other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model_file(path, seed=0, dim=32):
+    """A small random embedding model saved as a facefuse model file."""
+    from trainer.checkpoint import ModelMeta, save_model_file
+    from trainer.config import ModelConfig
+    from trainer.model import build_model
+
+    cfg = ModelConfig(backbone="resnet18", embedding_dim=dim, image_size=64, width=0.25)
+    torch.manual_seed(seed)
+    model = build_model(cfg, 10).eval()
+    save_model_file(path, model, ModelMeta.for_model(cfg, model, 10, (0.5,) * 3, (0.5,) * 3))
+    return path
+
+
+def kernel_devices(interpreting: bool) -> list[str]:
+    """Where kernel tests run: the interpreter on CPU, else a real GPU, else nowhere (skip)."""
+    if interpreting:
+        return ["cpu"]
+    return ["cuda"] if torch.cuda.is_available() else []

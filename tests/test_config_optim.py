@@ -1,8 +1,6 @@
-import math
 
 import pytest
 import torch
-import yaml
 
 from trainer.config import TrainConfig, resolve_config, save_config
 from trainer.errors import FacefuseError

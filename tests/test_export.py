@@ -19,13 +19,8 @@ from trainer.model import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spin-waiting for each other make
-    these tiny models 10-30x slower. Restored afterwards for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def make_model_file(path, backbone="resnet18", dim=32, size=64, seed=0, **meta_kw):

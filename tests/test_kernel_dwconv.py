@@ -3,17 +3,14 @@ bias) against F.conv2d in float64. CPU runs under the Triton interpreter (tests/
 with CUDA and no interpreter the same tests run on the GPU."""
 
 import pytest
+
+from conftest import kernel_devices
 import torch
 
 from kernels._common import INTERPRETING
 from kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference
 
-if INTERPRETING:
-    DEVICES = ["cpu"]
-elif torch.cuda.is_available():
-    DEVICES = ["cuda"]
-else:
-    DEVICES = []
+DEVICES = kernel_devices(INTERPRETING)
 pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA, or TRITON_INTERPRET=1 set before import")
 DEVICE = DEVICES[0] if DEVICES else "cpu"
 CL = torch.channels_last

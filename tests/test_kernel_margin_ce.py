@@ -8,6 +8,8 @@ with CUDA (and no interpreter) the same tests run on the GPU.
 import math
 
 import pytest
+
+from conftest import kernel_devices
 import torch
 import torch.nn.functional as F
 
@@ -15,12 +17,7 @@ import kernels.margin_ce as mce
 from kernels._common import INTERPRETING
 from kernels.margin_ce import margin_cross_entropy, margin_cross_entropy_reference
 
-if INTERPRETING:
-    DEVICES = ["cpu"]
-elif torch.cuda.is_available():
-    DEVICES = ["cuda"]
-else:
-    DEVICES = []
+DEVICES = kernel_devices(INTERPRETING)
 pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA, or TRITON_INTERPRET=1 set before import")
 DEVICE = DEVICES[0] if DEVICES else "cpu"
 

@@ -2,12 +2,12 @@
 each kind of bad input: exit code 2 and one `error: ...` line."""
 
 import csv
-import dataclasses
 import json
 
 import numpy as np
 import pytest
-import torch
+
+from conftest import make_model_file
 from click.testing import CliRunner
 from PIL import Image
 from sklearn.metrics import roc_auc_score
@@ -15,27 +15,13 @@ from sklearn.metrics import roc_auc_score
 from cli import main
 from export.runtime import TorchEmbedder
 from index import metrics
-from trainer.checkpoint import ModelMeta, save_model_file
-from trainer.config import ModelConfig
-from trainer.model import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spin-waiting for each other make
-    these tiny models 10-30x slower. Restored afterwards for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
-def make_model_file(path, seed=0, dim=32):
-    cfg = ModelConfig(backbone="resnet18", embedding_dim=dim, image_size=64, width=0.25)
-    torch.manual_seed(seed)
-    model = build_model(cfg, 10).eval()
-    save_model_file(path, model, ModelMeta.for_model(cfg, model, 10, (0.5,) * 3, (0.5,) * 3))
-    return path
 
 
 def make_identities(root, n_ids, per_id, seed=0, layout="lfw"):

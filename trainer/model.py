@@ -3,7 +3,6 @@ dropout, the classification head and an optional pair loss."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
