@@ -15,6 +15,7 @@ Everything after ``--`` is passed to ``cli.py train`` (so any recipe can be meas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -54,18 +55,10 @@ def evaluate(run_dir: Path, pairs_file: Path, fold: int, device: str) -> dict:
     out = {}
     for flip in (False, True):
         emb = embed_paths(model, val.unique, image_size=meta.image_size, mean=meta.mean, std=meta.std,
-                          device=torch.device(device), autocast=_null, flip=flip)
+                          device=torch.device(device), autocast=contextlib.nullcontext, flip=flip)
         m = verification_metrics(val.scores(emb), val.labels, folds=val.folds)
         out["flip" if flip else "plain"] = m
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def merge_row(path: Path, row: dict, settings: dict) -> None:

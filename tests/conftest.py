@@ -72,3 +72,13 @@ def kernel_devices(interpreting: bool) -> list[str]:
     if interpreting:
         return ["cpu"]
     return ["cuda"] if torch.cuda.is_available() else []
+
+
+def assert_one_line_error(result, *fragments):
+    """A CliRunner result that failed with exit 2 and one `error:` line holding every fragment."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_model_file
+from conftest import assert_one_line_error, make_model_file
 from click.testing import CliRunner
 from PIL import Image
 from sklearn.metrics import roc_auc_score
@@ -44,15 +44,6 @@ def make_identities(root, n_ids, per_id, seed=0, layout="lfw"):
 def run(*args):
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
