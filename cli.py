@@ -83,7 +83,7 @@ TRAIN_OPTIONS = {
 @click.option("--embedding-dim", type=int, help="Embedding size D (default 512).")
 @click.option("--width", type=float, help="Backbone channel multiplier.")
 @click.option("--dropout", type=float, help="Dropout before the classifier.")
-@click.option("--drop-path", type=float, help="Stochastic depth rate (ConvNeXt).")
+@click.option("--drop-path", type=float, help="Stochastic depth rate (residual blocks of every backbone).")
 @click.option("--neck", help="Feature map to embedding: gdc, flatten or gap.")
 @click.option("--margin", type=float, help="Margin in radians (ArcFace/CosFace) or m for SphereFace.")
 @click.option("--scale", type=float, help="Logit scale s for normalised heads.")

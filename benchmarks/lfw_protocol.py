@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import sys
 import time
@@ -56,18 +57,37 @@ def evaluate(run_dir: Path, pairs_file: Path, fold: int, device: str) -> dict:
     for flip in (False, True):
         emb = embed_paths(model, val.unique, image_size=meta.image_size, mean=meta.mean, std=meta.std,
                           device=torch.device(device), autocast=contextlib.nullcontext, flip=flip)
-        m = verification_metrics(val.scores(emb), val.labels, folds=val.folds)
+        scores = val.scores(emb)
+        m = verification_metrics(scores, val.labels, folds=val.folds)
         out["flip" if flip else "plain"] = m
+        if flip:  # kept so the ROC can be drawn from the committed JSON alone
+            out["scores"] = [round(float(x), 5) for x in scores]
+            out["labels"] = [int(x) for x in val.labels]
     return out
 
 
 def merge_row(path: Path, row: dict, settings: dict) -> None:
-    doc = json.loads(path.read_text()) if path.is_file() else {
-        "benchmark": "lfw_protocol", "device": row["device"], "versions": versions(), "settings": settings,
-        "results": []}
-    doc["results"] = [r for r in doc["results"] if r["name"] != row["name"]] + [row]
-    doc["versions"] = versions()
-    atomic_write_text(path, json.dumps(doc, indent=2))
+    """Replace the row of the same name; a lock file serialises runs that finish together."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = json.loads(path.read_text()) if path.is_file() else {
+            "benchmark": "lfw_protocol", "device": row["device"], "versions": versions(), "settings": settings,
+            "results": []}
+        doc["results"] = [r for r in doc["results"] if r["name"] != row["name"]] + [row]
+        doc["versions"] = versions()
+        atomic_write_text(path, json.dumps(doc, indent=2))
+
+
+def history(run_dir: Path) -> list[dict]:
+    """Per-epoch training curve from the run's metrics.jsonl (rounded, for plots)."""
+    keys = ("epoch", "elapsed_s", "train_loss", "train_accuracy", "val_accuracy", "lr")
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "epoch" in rec:
+            rows.append({k: round(rec[k], 5) if isinstance(rec.get(k), float) else rec.get(k) for k in keys})
+    return rows
 
 
 def main(argv=None):
@@ -77,6 +97,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=30.0, help="training time budget")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="the table's budget this row belongs to (default --minutes; a stage of a sequential row "
+                         "trains for part of it)")
     ap.add_argument("--name", required=True, help="row name in the results file")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "lfw"), help="where run folders go (not committed)")
     ap.add_argument("--device", default="cpu")
@@ -110,9 +133,13 @@ def main(argv=None):
     wall = time.time() - t0
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
     metrics = evaluate(run_dir / "train", pairs_file, args.fold, args.device)
+    import yaml
+
+    config = yaml.safe_load((run_dir / "train" / "config.yaml").read_text())
     dev = device_name(args.device)
     row = {
-        "name": args.name, "fold": args.fold, "device": dev, "train_args": train_args[1:],
+        "name": args.name, "fold": args.fold, "device": dev, "minutes": args.minutes,
+        "budget_minutes": args.minutes if args.budget_minutes is None else args.budget_minutes, "train_args": train_args[1:],
         "backbone": summary["backbone"], "loss": summary["loss"], "pair_loss": summary["pair_loss"],
         "parameters": summary["parameters"], "identities": summary["identities"],
         "train_images": summary["train_images"], "excluded_identities": len(names),
@@ -120,6 +147,8 @@ def main(argv=None):
         "images_per_s": round(summary["images_per_s"], 1), "val_accuracy": summary.get("val_accuracy"),
         **{f"{k}_{v}": metrics[k][v] for k in ("plain", "flip")
            for v in ("kfold_accuracy", "kfold_std", "roc_auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3")},
+        "config": config, "history": history(run_dir / "train"),
+        "flip_scores": metrics["scores"], "pair_labels": metrics["labels"],
     }
     path = Path(args.results) if args.results else RESULTS_DIR / f"lfw_protocol-{device_slug(dev)}.json"
     merge_row(path, row, {"protocol": "LFW pairs.txt fold k, identity-disjoint training, 10-way CV inside the fold",

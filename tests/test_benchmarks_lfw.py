@@ -1,0 +1,115 @@
+"""The LFW benchmark scripts: fold identities, results merging, the suite's plan and the report."""
+
+import json
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+import cli
+from benchmarks import lfw_protocol, lfw_report, lfw_suite
+from index.metrics import roc_auc
+from trainer.config import resolve_config
+
+
+def test_fold_identities_are_disjoint_across_folds(lfw):
+    folds = [lfw_protocol.fold_identities(lfw / "pairs.txt", k) for k in range(10)]
+    assert all(len(f) > 300 for f in folds)
+    for i in range(10):
+        for j in range(i + 1, 10):
+            assert not folds[i] & folds[j], (i, j)
+    assert "Abel_Pacheco" in folds[0]  # first same-person line of pairs.txt
+
+
+def _row(name, auc=0.9, fold=0, budget=10.0, **kw):
+    rng = np.random.default_rng(len(name))
+    labels = [1] * 50 + [0] * 50
+    scores = list(np.r_[rng.normal(0.6, 0.2, 50), rng.normal(0.1, 0.2, 50)].round(5))
+    return {"name": name, "fold": fold, "device": "cpu (test)", "budget_minutes": budget, "parameters": 1000,
+            "images_per_s": 50.0, "epochs_done": 2, "val_accuracy": 0.5, "plain_kfold_accuracy": 0.8,
+            "flip_kfold_accuracy": 0.81, "flip_kfold_std": 0.02, "flip_roc_auc": auc, "flip_eer": 0.2,
+            "flip_tar_at_far_1e-2": 0.3, "flip_scores": scores, "pair_labels": labels,
+            "history": [{"epoch": 1, "elapsed_s": 60.0, "train_loss": 5.0, "train_accuracy": 0.2, "val_accuracy": 0.1},
+                        {"epoch": 2, "elapsed_s": 120.0, "train_loss": 2.0, "train_accuracy": 0.6,
+                         "val_accuracy": None}], **kw}
+
+
+def _merge(args):
+    path, name = args
+    lfw_protocol.merge_row(path, _row(name), {})
+
+
+def test_merge_row_replaces_by_name_and_loses_nothing_when_runs_finish_together(tmp_path):
+    path = tmp_path / "r.json"
+    lfw_protocol.merge_row(path, _row("a", auc=0.5), {"protocol": "x"})
+    lfw_protocol.merge_row(path, _row("a", auc=0.7), {})
+    doc = json.loads(path.read_text())
+    assert [r["flip_roc_auc"] for r in doc["results"]] == [0.7] and doc["settings"] == {"protocol": "x"}
+    with mp.get_context("spawn").Pool(4) as pool:
+        pool.map(_merge, [(path, f"row{i}") for i in range(12)])
+    names = {r["name"] for r in json.loads(path.read_text())["results"]}
+    assert names == {"a", *(f"row{i}" for i in range(12))}
+
+
+def test_history_keeps_epoch_records_only(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"epoch": 1, "step": 5, "train_loss": 3.14159265, "train_accuracy": 0.25, "elapsed_s": 10.0, "lr": 0.001}\n'
+        '{"event": "checkpoint", "step": 7}\n'
+        '{"epoch": 2, "step": 10, "train_loss": 2.5, "train_accuracy": 0.5, "elapsed_s": 20.0, "lr": 0.0005, '
+        '"val_accuracy": 0.4}\n')
+    h = lfw_protocol.history(tmp_path)
+    assert [r["epoch"] for r in h] == [1, 2]
+    assert h[0]["train_loss"] == 3.14159 and h[0]["val_accuracy"] is None and h[1]["val_accuracy"] == 0.4
+
+
+def test_suite_plan_runs_stages_first_and_every_row_is_a_valid_train_command():
+    rows = lfw_suite.plan(["loss", "backbone", "regulariser"], "arcface")
+    names = [n for n, _, _ in rows]
+    assert len(names) == len(set(names))
+    assert names.index("loss/arcface-stage1") < names.index("loss/arcface-then-triplet")
+    shares = dict((n, s) for n, s, _ in rows)
+    assert shares["loss/arcface-stage1"] + shares["loss/arcface-then-triplet"] == pytest.approx(1.0)
+    expected = {"softmax", "softmax-ls", "sphereface", "cosface", "arcface", "triplet", "arcface+center",
+                "arcface-then-triplet", "supcon"}
+    assert expected <= {n.split("/", 1)[1] for n in names if n.startswith("loss/")}
+    for name, _, opts in rows:  # each parses as `train` options and resolves to a valid config
+        opts = [o if not o.startswith("@") else "/tmp/stage" for o in opts]
+        ctx = cli.train.make_context("train", ["--data", "/tmp/d", "--out", "/tmp/x", *lfw_suite.BASE, *opts])
+        params = {k: v for k, v in ctx.params.items() if k in cli.TRAIN_OPTIONS and v is not None}
+        overrides = {cli.TRAIN_OPTIONS[k]: v for k, v in params.items()}
+        if ctx.params["pk"]:
+            overrides["data.pk_identities"], overrides["data.pk_images"] = ctx.params["pk"]
+        cfg = resolve_config(None, overrides)
+        assert (cfg.model.width, cfg.model.image_size, cfg.model.embedding_dim) == (
+            (0.5 if name.startswith("backbone/") else 0.25), 64, 256), name
+
+
+def test_report_tables_and_plots(tmp_path):
+    res = tmp_path / "r.json"
+    rows = [_row("loss/arcface", 0.95), _row("loss/softmax", 0.93), _row("regulariser/arcface+ema", 0.96),
+            _row("backbone/mobilenetv2-x0.5", 0.9), _row("loss/old", 0.99, budget=30.0, fold=1)]
+    res.write_text(json.dumps({"results": rows}))
+    loss = lfw_report.load_rows(res, "loss", 0)
+    assert [r["name"] for r in loss] == ["loss/arcface", "loss/softmax"]  # by AUC, fold 0 only
+    reg = [r["name"] for r in lfw_report.load_rows(res, "regulariser", 0)]
+    assert reg == ["regulariser/arcface+ema", "regulariser/arcface (none)"]
+    bb = [r["name"] for r in lfw_report.load_rows(res, "backbone", 0)]
+    assert bb == ["backbone/resnet18-x0.25", "backbone/mobilenetv2-x0.5"]
+    md = lfw_report.markdown(loss).splitlines()
+    assert md[2].startswith("| arcface | 1,000 | 50 | 2 | 0.600 | 0.500 | 80.0% | 81.0% | 2.0% | 0.9500 |")
+    out = tmp_path / "plots"
+    lfw_report.main(["--results", str(res), "--table", "loss", "backbone", "--out", str(out),
+                     "--markdown", str(tmp_path / "t.md")])
+    for f in ("loss-curves.png", "loss-roc.png", "backbone-roc.png"):
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### backbone" in (tmp_path / "t.md").read_text()
+
+
+def test_stored_scores_reproduce_the_stored_auc():
+    """Every committed row's scores give back its AUC (the ROC plots are drawn from them)."""
+    path = lfw_report.RESULTS_DIR / "lfw_protocol-cpu2.json"
+    rows = [r for r in json.loads(path.read_text())["results"] if r.get("flip_scores")]
+    for r in rows:
+        assert len(r["flip_scores"]) == len(r["pair_labels"]) == 600
+        auc = roc_auc(np.asarray(r["flip_scores"]), np.asarray(r["pair_labels"], dtype=bool))
+        assert auc == pytest.approx(r["flip_roc_auc"], abs=1e-3), r["name"]
