@@ -92,7 +92,7 @@ TRAIN_OPTIONS = {
 @click.option("--pair-weight", type=float, help="lambda in classification + lambda * pair loss.")
 @click.option("--pair-margin", type=float, help="Triplet margin (cosine distance) or circle loss m.")
 @click.option("--mining", help="Triplet mining: batch_hard, semi_hard or all.")
-@click.option("--center-lr", type=float, help="Learning rate of the center-loss centers.")
+@click.option("--center-lr", type=float, help="Fixed learning rate of the center-loss centers (default: the model's lr and schedule).")
 @click.option("--sampler", help="random, or pk (P identities x K images, for pair losses).")
 @click.option("--pk", nargs=2, type=int, help="P and K for --sampler pk.")
 @click.option("--amp", help="Mixed precision: auto, none, bf16, fp16.")

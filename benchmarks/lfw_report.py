@@ -80,6 +80,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _colour(i: int) -> str:
+    from matplotlib import colormaps
+
+    return colormaps["tab10" if i < 10 else "tab20"](i % 20)
+
+
 def _save(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -94,16 +100,14 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
     fig = Figure(figsize=(13, 4), dpi=110)
     axes = fig.subplots(1, 3)
-    for r in rows:
+    for i, r in enumerate(rows):
         hist = r.get("history") or []
-        if not hist:
-            continue
         t = [h["elapsed_s"] / 60 for h in hist]
         label = r["name"].split("/", 1)[1]
         for ax, key in zip(axes, ("train_loss", "train_accuracy", "val_accuracy")):
             pts = [(x, h[key]) for x, h in zip(t, hist) if h.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", lw=1.2, label=label)
+            if pts:  # one colour per row in every panel (pair-only losses have no accuracy)
+                ax.plot(*zip(*pts), marker=".", lw=1.2, color=_colour(i), label=label)
     for ax, name in zip(axes, ("training loss", "training accuracy (top-1)", "held-out closed-set accuracy")):
         ax.set_xlabel("training minutes")
         ax.set_title(name)
@@ -119,11 +123,11 @@ def plot_roc(rows: list[dict], path: Path, title: str) -> None:
 
     fig = Figure(figsize=(6, 5), dpi=110)
     ax = fig.subplots()
-    for r in rows:
+    for i, r in enumerate(rows):
         if not r.get("flip_scores"):
             continue
         far, tar, _ = roc_curve(np.asarray(r["flip_scores"]), np.asarray(r["pair_labels"], dtype=bool))
-        ax.plot(far, tar, lw=1.3, label=f"{r['name'].split('/', 1)[1]}  AUC {r['flip_roc_auc']:.3f}")
+        ax.plot(far, tar, lw=1.3, color=_colour(i), label=f"{r['name'].split('/', 1)[1]}  AUC {r['flip_roc_auc']:.3f}")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")

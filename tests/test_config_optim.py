@@ -60,6 +60,17 @@ def test_center_loss_has_its_own_lr():
     assert len(special) == 1 and special[0]["lr"] == 0.7 and special[0]["weight_decay"] == 0.0
 
 
+def test_center_loss_without_lr_follows_the_model_lr_undecayed():
+    from trainer.losses import build_pair_loss
+
+    m = torch.nn.ModuleDict({"fc": torch.nn.Linear(3, 3), "center": build_pair_loss("center", 3, 5)})
+    groups = param_groups(m, 0.1)
+    assert not any(g.get("fixed_lr") or "lr" in g for g in groups)
+    undecayed = [g for g in groups if g["weight_decay"] == 0.0]
+    assert any(p is m["center"].centers for g in undecayed for p in g["params"])
+    assert not any(p is m["center"].centers for p in groups[0]["params"])
+
+
 def test_ema_tracks_weights():
     m = torch.nn.Linear(2, 2)
     ema = build_ema(m, 0.5)

@@ -217,7 +217,7 @@ def test_circle_detached_weights_give_the_papers_gradient():
 def test_center_loss_value_and_center_gradients(batch, dim, classes):
     emb, labels = make_batch(batch, dim, classes, seed=batch + 2)
     loss_fn = build_pair_loss("center", dim, classes, lr=0.3).double()
-    assert loss_fn.lr == 0.3 and CenterLoss(classes, dim).lr == 0.5
+    assert loss_fn.lr == 0.3 and CenterLoss(classes, dim).lr is None
     assert isinstance(loss_fn.centers, torch.nn.Parameter) and loss_fn.centers.shape == (classes, dim)
     x = emb.numpy() / np.linalg.norm(emb.numpy(), axis=1, keepdims=True)
     c = loss_fn.centers.detach().numpy()

@@ -78,7 +78,7 @@ class LossConfig:
     pair_margin: float | None = None    # triplet margin / circle m (loss default when None)
     mining: str = "batch_hard"          # triplet: batch_hard | semi_hard | all
     temperature: float = 0.1            # supcon
-    center_lr: float = 0.5              # center loss centers' own learning rate
+    center_lr: float | None = None      # center-loss centers: None = the model's lr and schedule
 
 
 @dataclass

@@ -12,18 +12,20 @@ from trainer.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay conv/linear weights; not norms, biases, layer scales; center-loss centers get their own lr."""
+    """Decay conv/linear weights; not norms, biases, layer scales.  Center-loss centers are not
+    decayed; with their own ``lr`` they get a group of their own at that fixed lr."""
     decay, no_decay, centers = [], [], []
     special_lr = None
     for module_name, module in model.named_modules():
-        lr = getattr(module, "lr", None) if hasattr(module, "centers") else None
+        is_center_loss = hasattr(module, "centers")
+        lr = getattr(module, "lr", None) if is_center_loss else None
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             if lr is not None:
                 centers.append(p)
                 special_lr = lr
-            elif p.ndim <= 1 or name.endswith("bias") or "gamma" in name:
+            elif is_center_loss or p.ndim <= 1 or name.endswith("bias") or "gamma" in name:
                 no_decay.append(p)
             else:
                 decay.append(p)

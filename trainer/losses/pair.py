@@ -76,22 +76,26 @@ class CenterLoss(nn.Module):
 
     Features are normalised so that the loss lives on the same scale as the margin heads'
     cosine geometry and cannot be lowered by shrinking the embeddings.  The centres are an
-    ``nn.Parameter`` trained by gradient (initialised as random unit vectors); ``lr`` is their
-    own learning rate: the trainer puts ``centers`` in a separate optimiser param group.
+    ``nn.Parameter`` trained by gradient (initialised as random unit vectors). ``lr=None`` trains
+    them with the model's optimiser, lr and schedule (like a head's class weights); a number gives
+    them that fixed lr in a param group of their own.  Under AdamW that number is a per-step move
+    of each coordinate, not the paper's SGD-style alpha: 0.5 there throws unit-norm centres far
+    off the sphere within a few steps (measured: loss ~100 instead of <= 2).
     """
 
     def __init__(
         self,
         num_classes: int,
         embedding_dim: int,
-        lr: float = 0.5,
+        lr: float | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        _require(math.isfinite(lr) and lr > 0, "lr", f"(center loss) must be > 0, got {lr}")
-        self.num_classes, self.embedding_dim, self.lr = num_classes, embedding_dim, float(lr)
+        _require(lr is None or (math.isfinite(lr) and lr > 0), "lr", f"(center loss) must be > 0, got {lr}")
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.lr = None if lr is None else float(lr)
         centers = torch.randn(num_classes, embedding_dim, device=device, dtype=dtype)
         self.centers = nn.Parameter(F.normalize(centers, dim=1))
 
