@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -112,6 +113,9 @@ def main(argv=None):
         sys.exit(f"error: {pairs_file} not found (set FACEFUSE_DATA)")
     run_dir = Path(args.runs) / f"fold{args.fold}-{args.name}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "train").exists():  # a rerun of this row: the benchmark's scratch run starts afresh
+        print(f"removing the previous run {run_dir / 'train'}", flush=True)
+        shutil.rmtree(run_dir / "train")
     exclude = run_dir / "exclude.txt"
     names = fold_identities(pairs_file, args.fold)
     atomic_write_text(exclude, "\n".join(sorted(names)) + "\n")

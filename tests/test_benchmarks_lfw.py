@@ -10,6 +10,7 @@ import cli
 from benchmarks import lfw_protocol, lfw_report, lfw_suite
 from index.metrics import roc_auc
 from trainer.config import resolve_config
+from trainer.losses import build_head
 
 
 def test_fold_identities_are_disjoint_across_folds(lfw):
@@ -113,3 +114,33 @@ def test_stored_scores_reproduce_the_stored_auc():
         assert len(r["flip_scores"]) == len(r["pair_labels"]) == 600
         auc = roc_auc(np.asarray(r["flip_scores"]), np.asarray(r["pair_labels"], dtype=bool))
         assert auc == pytest.approx(r["flip_roc_auc"], abs=1e-3), r["name"]
+
+
+# Fields that describe where and how a run was executed rather than the recipe.
+RUN_FIELDS = {"data": {"root", "exclude_identities", "val_pairs", "val_pairs_root", "val_pairs_fold",
+                       "val_pairs_disjoint", "num_workers"},
+              "top": {"out", "device", "time_budget", "threads", "checkpoint_minutes", "eval_every", "seed"},
+              "optim": {"epochs"}}
+
+
+def test_default_config_is_the_measured_recipe():
+    """`facefuse train --data D --out O` trains the recipe of the committed row it was chosen from."""
+    from trainer.config import DEFAULT_RECIPE_ROW, TrainConfig
+
+    doc = json.loads((lfw_report.RESULTS_DIR / "lfw_protocol-cpu2.json").read_text())
+    row = next(r for r in doc["results"] if r["name"] == DEFAULT_RECIPE_ROW)
+    measured, default = row["config"], TrainConfig().to_dict()
+    for section, values in default.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if key not in RUN_FIELDS.get(section, ()):
+                    got = measured[section][key]
+                    if (section, key) == ("loss", "margin") and value is None:  # the head's own default
+                        value = build_head(default["loss"]["name"], 4, 3).margin
+                    got = tuple(got) if isinstance(value, tuple) else got
+                    assert got == value, f"{section}.{key}: default {value!r}, measured {got!r}"
+        elif section not in RUN_FIELDS["top"]:
+            assert measured[section] == values, section
+    # the time-budgeted run's epoch count is the default's
+    assert default["optim"]["epochs"] == row["epochs_done"]
+    assert row["minutes"] <= 30
