@@ -39,6 +39,7 @@ LOSSES = {
     "sphereface": "--loss sphereface --scale 32 --margin 1.35".split(),
     "cosface": "--loss cosface --scale 32 --margin 0.25".split(),
     "arcface": ARCFACE,
+    "arcface-s64-m0.5": "--loss arcface --scale 64 --margin 0.5".split(),  # the paper's setting
     "triplet": ["--loss", "triplet", *PK],
     "arcface+center": [*ARCFACE, "--pair-loss", "center", "--pair-weight", "1.0"],
     "supcon": ["--loss", "supcon", *PK],
