@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from trainer.config import ModelConfig
 from trainer.errors import FacefuseError
 
 
@@ -68,7 +69,7 @@ TRAIN_OPTIONS = {
 @click.option("--batch-size", type=int, help="Global batch size (split over torchrun processes).")
 @click.option("--backbone", help="resnet18|resnet34|resnet50|convnext_t|convnext_nano|convnext_pico|convnext_atto|mobilenetv2.")
 @click.option("--loss", help="Classification head (softmax, normface, arcface, cosface, sphereface, combined) or a pair loss alone (triplet, supcon, ...).")
-@click.option("--image-size", type=int, help="Model input side in pixels (default 112).")
+@click.option("--image-size", type=int, help=f"Model input side in pixels (default {ModelConfig.image_size}).")
 @click.option("--val-pairs", type=click.Path(), help="Verification pairs for validation: LFW pairs.txt or `path_a path_b label` lines.")
 @click.option("--val-pairs-root", type=click.Path(), help="Folder the pairs' image paths are relative to.")
 @click.option("--val-pairs-fold", type=int, help="Use only this fold of an LFW pairs file.")
@@ -80,7 +81,7 @@ TRAIN_OPTIONS = {
 @click.option("--optimizer", help="adamw or sgd.")
 @click.option("--weight-decay", type=float, help="Weight decay (not applied to norms and biases).")
 @click.option("--warmup", type=float, help="Linear warm-up length in epochs.")
-@click.option("--embedding-dim", type=int, help="Embedding size D (default 512).")
+@click.option("--embedding-dim", type=int, help=f"Embedding size D (default {ModelConfig.embedding_dim}).")
 @click.option("--width", type=float, help="Backbone channel multiplier.")
 @click.option("--dropout", type=float, help="Dropout before the classifier.")
 @click.option("--drop-path", type=float, help="Stochastic depth rate (residual blocks of every backbone).")

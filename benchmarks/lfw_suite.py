@@ -6,7 +6,7 @@ differ only in what the table varies. ``--jobs 2`` runs two rows at once (one pe
 already in the results file are skipped unless ``--force``.
 
     python benchmarks/lfw_suite.py --group loss backbone --minutes 10 --jobs 2
-    python benchmarks/lfw_suite.py --group regulariser --base arcface --minutes 10 --jobs 2
+    python benchmarks/lfw_suite.py --group regulariser --base sphereface --minutes 10 --jobs 2
     python benchmarks/lfw_suite.py --group recipe --minutes 30 --jobs 2
     python benchmarks/lfw_suite.py --list
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR  # noqa: E402
+from benchmarks.common import RESULTS_DIR, device_name, device_slug  # noqa: E402
 
 BASE = ("--backbone resnet18 --width 0.25 --image-size 64 --embedding-dim 256 --batch-size 128 --min-images 2 "
         "--val-fraction 0.03 --threads 1 --workers 1 --lr 3e-3 --warmup 1").split()
@@ -32,7 +32,7 @@ BASE = ("--backbone resnet18 --width 0.25 --image-size 64 --embedding-dim 256 --
 ARCFACE = "--loss arcface --scale 32 --margin 0.3".split()
 PK = "--sampler pk --pk 32 4".split()
 
-# name -> (extra train options, share of the budget); "then" rows start from an earlier row's model.
+# row name -> train options added to BASE.
 LOSSES = {
     "softmax": "--loss softmax".split(),
     "softmax-ls": "--loss softmax --label-smoothing 0.1".split(),
@@ -44,7 +44,8 @@ LOSSES = {
     "arcface+center": [*ARCFACE, "--pair-loss", "center", "--pair-weight", "1.0"],
     "supcon": ["--loss", "supcon", *PK],
 }
-# Sequential: ArcFace for 70% of the budget, then triplet fine-tuning of that model for the rest.
+# Sequential: name -> (first stage, its share of the budget, options of the second stage). ArcFace for
+# 70% of the budget, then triplet fine-tuning of that model for the rest.
 SEQUENTIAL = {"arcface-then-triplet": ("arcface-stage1", 0.7, ["--loss", "triplet", *PK, "--lr", "3e-4",
                                                               "--warmup", "0"])}
 BACKBONES = {
@@ -52,8 +53,8 @@ BACKBONES = {
     "mobilenetv2-x0.5": ["--backbone", "mobilenetv2", "--width", "0.5", *ARCFACE],
 }
 # Candidates for the default recipe, run at the 30-minute budget of the issue's CPU target: the best
-# backbone and loss of the 10-minute tables, with the regularisers that did not hurt there, without
-# and with geometric + photometric augmentation (the 10-minute runs overfit: train 0.99, held-out 0.70).
+# backbone and loss of the 10-minute tables (no regulariser helped there), without and with geometric +
+# photometric augmentation (the ConvNeXt 10-minute run already reached train 0.99, held-out 0.70).
 CANDIDATE = ["--backbone", "convnext_atto", "--width", "0.5", *"--loss sphereface --scale 32 --margin 1.35".split()]
 RECIPES = {
     "recipe/convnext-sphereface": CANDIDATE,
@@ -114,7 +115,7 @@ def main(argv=None):
         if unknown:
             sys.exit(f"error: --only {', '.join(sorted(unknown))}: not in the plan of --group {' '.join(args.group)}")
         rows = [r for r in rows if r[0] in args.only]
-    results = RESULTS_DIR / "lfw_protocol-cpu2.json"
+    results = RESULTS_DIR / f"lfw_protocol-{device_slug(device_name('cpu'))}.json"  # where lfw_protocol.py writes
     done = set()
     if results.is_file() and not args.force:
         done = {r["name"] for r in json.loads(results.read_text())["results"]
@@ -144,7 +145,7 @@ def main(argv=None):
         cmd = [sys.executable, str(ROOT / "benchmarks" / "lfw_protocol.py"), "--fold", str(args.fold),
                "--minutes", str(round(share * args.minutes, 3)), "--budget-minutes", str(args.minutes),
                "--name", name, "--runs", str(args.runs), "--", *BASE, *opts]
-        log = args.runs / f"fold{args.fold}-{name.replace('/', '-')}.log"
+        log = args.runs / f"fold{args.fold}-{name.replace('/', '-')}.log"  # flat, beside the run folders
         t0 = time.time()
         with open(log, "w") as f:
             rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
