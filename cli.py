@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from trainer.config import ModelConfig
-from trainer.errors import FacefuseError
+from facefuse.trainer.config import ModelConfig
+from facefuse.core.errors import FacefuseError
 
 
 class Group(click.Group):
@@ -121,8 +121,8 @@ TRAIN_OPTIONS = {
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs per epoch only).")
 def train(config_file, resume, pk, no_progress, **options):
     """Train a face-embedding model from scratch on a folder of identities."""
-    from trainer.config import resolve_config
-    from trainer.engine import train as run_training
+    from facefuse.trainer.config import resolve_config
+    from facefuse.trainer.engine import train as run_training
 
     overrides = {TRAIN_OPTIONS[k]: v for k, v in options.items() if v is not None}
     if pk:
@@ -154,7 +154,7 @@ MODEL_HELP = "An exported .onnx file, or a facefuse checkpoint / run folder."
               help="auto tries dynamo first and falls back to TorchScript.")
 def export_cmd(onnx_out, checkpoint, fp16, opset, check_images, exporter):
     """Export the embedding model to ONNX (dynamic batch) and check it against PyTorch."""
-    from export.onnx_export import export_onnx
+    from facefuse.export.onnx_export import export_onnx
 
     r = export_onnx(checkpoint, onnx_out, fp16=fp16, opset=opset, check_images=check_images, exporter=exporter)
     click.echo(f"exported {r.path} ({r.dtype}, opset {r.opset}) with the {r.exporter} exporter"
@@ -164,7 +164,7 @@ def export_cmd(onnx_out, checkpoint, fp16, opset, check_images, exporter):
 
 
 def _embedder(model):
-    from export.runtime import load_embedder
+    from facefuse.export.runtime import load_embedder
 
     return load_embedder(model)
 
@@ -188,7 +188,7 @@ def index_group():
 @click.option("--skip-missing", is_flag=True, help="Skip unreadable images with a count instead of failing.")
 def index_build(gallery_dir, model, out_dir, kind, nlist, hnsw_m, batch_size, workers, flip, skip_missing):
     """Enroll GALLERY_DIR (one folder per identity, or images named <identity>_<anything>.jpg)."""
-    from index.enroll import build_index_folder
+    from facefuse.index.enroll import build_index_folder
 
     params = {"nlist": nlist} if kind == "ivf" else {"hnsw_m": hnsw_m} if kind == "hnsw" else {}
     g, skipped = build_index_folder(gallery_dir, _embedder(model), model, out_dir, kind=kind, batch_size=batch_size,
@@ -206,7 +206,7 @@ def index_build(gallery_dir, model, out_dir, kind, nlist, hnsw_m, batch_size, wo
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 def index_add(index_dir, images, model, identity, batch_size, workers):
     """Enroll more IMAGES (files or gallery folders) into INDEX_DIR without rebuilding it."""
-    from index.enroll import add_to_index_folder, index_model_path
+    from facefuse.index.enroll import add_to_index_folder, index_model_path
 
     embedder = _embedder(model or index_model_path(index_dir))
     g, added = add_to_index_folder(index_dir, images, embedder, identity=identity, batch_size=batch_size,
@@ -227,7 +227,7 @@ def index_add(index_dir, images, model, identity, batch_size, workers):
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def search_cmd(images, index_dir, model, top_k, threshold, nprobe, ef_search, batch_size, workers, as_json):
     """Identify each face in IMAGES (files or folders) against a gallery index."""
-    from index.enroll import index_model_path, search_images
+    from facefuse.index.enroll import index_model_path, search_images
 
     embedder = _embedder(model or index_model_path(index_dir))
     results = search_images(images, index_dir, embedder, top_k=top_k, threshold=threshold, batch_size=batch_size,
@@ -256,8 +256,8 @@ def verify_cmd(pairs, model, root, out_csv, threshold, plot, as_json, skip_missi
     """Score every pair in PAIRS (LFW pairs.txt / pairsDev*.txt, or `path_a path_b [label]` lines)."""
     from pathlib import Path
 
-    from index.pairs import read_pairs
-    from index.verify import check_plot_path, plot_roc, verify_pairs, write_scores_csv
+    from facefuse.index.pairs import read_pairs
+    from facefuse.index.verify import check_plot_path, plot_roc, verify_pairs, write_scores_csv
 
     if plot:
         check_plot_path(plot)

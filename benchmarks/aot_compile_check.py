@@ -9,8 +9,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-import kernels.margin_ce as M
-import kernels.dwconv as DW
+import facefuse.kernels.margin_ce as M
+import facefuse.kernels.dwconv as DW
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 SMEM = {90: 227 * 1024, 89: 99 * 1024}

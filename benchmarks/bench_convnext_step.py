@@ -41,8 +41,8 @@ def make_step(backend: str, args, device):
     """Model, head, optimiser and batch for one backend; returns the step closure."""
     import torch
 
-    from trainer import ops
-    from trainer.backbones import build_backbone
+    from facefuse.trainer import ops
+    from facefuse.trainer.backbones import build_backbone
 
     torch.manual_seed(0)
     trunk = build_backbone("convnext_t", kernel_backend=backend).to(device).to(memory_format=torch.channels_last)
@@ -75,13 +75,13 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_convnext_step: CUDA is required (it times GPU training steps); nothing measured or written.")
         return 0
-    from kernels._common import INTERPRETING
+    from facefuse.kernels._common import INTERPRETING
 
     if INTERPRETING:
         print("bench_convnext_step: unset TRITON_INTERPRET to benchmark compiled kernels.")
         return 2
     try:
-        import trainer.backbones  # noqa: F401
+        import facefuse.trainer.backbones  # noqa: F401
     except ImportError as exc:
         print(f"bench_convnext_step: trainer.backbones is not importable ({exc}); cannot build ConvNeXt-T.")
         return 1

@@ -66,14 +66,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_dwconv: CUDA is required (it times GPU kernels); nothing measured or written.")
         return 0
-    from kernels._common import INTERPRETING
+    from facefuse.kernels._common import INTERPRETING
 
     if INTERPRETING:
         print("bench_dwconv: unset TRITON_INTERPRET to benchmark compiled kernels.")
         return 2
     from triton.testing import do_bench
 
-    from kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference
+    from facefuse.kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference
 
     torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)

@@ -68,9 +68,9 @@ def throughput(fn, batch: int, min_time: float, repeats: int) -> float:
 def make_model(backbone: str, args, folder: Path) -> Path:
     import torch
 
-    from trainer.checkpoint import ModelMeta, save_model_file
-    from trainer.config import ModelConfig
-    from trainer.model import build_model
+    from facefuse.trainer.checkpoint import ModelMeta, save_model_file
+    from facefuse.trainer.config import ModelConfig
+    from facefuse.trainer.model import build_model
 
     cfg = ModelConfig(backbone=backbone, embedding_dim=args.embedding_dim, image_size=args.image_size)
     torch.manual_seed(0)
@@ -84,8 +84,8 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from export.onnx_export import export_onnx
-    from export.runtime import OnnxEmbedder, TorchEmbedder
+    from facefuse.export.onnx_export import export_onnx
+    from facefuse.export.runtime import OnnxEmbedder, TorchEmbedder
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     results = []

@@ -119,14 +119,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_margin_ce: CUDA is required (it times GPU kernels); nothing measured or written.")
         return 0
-    from kernels._common import INTERPRETING
+    from facefuse.kernels._common import INTERPRETING
 
     if INTERPRETING:
         print("bench_margin_ce: unset TRITON_INTERPRET to benchmark compiled kernels.")
         return 2
     from triton.testing import do_bench
 
-    from kernels.margin_ce import margin_cross_entropy, margin_cross_entropy_reference
+    from facefuse.kernels.margin_ce import margin_cross_entropy, margin_cross_entropy_reference
 
     torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     dtype = getattr(torch, args.dtype)

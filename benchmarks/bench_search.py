@@ -61,7 +61,7 @@ def parse_args(argv):
 def _sample(rng, n: int, d: int, data: str, basis):
     """``n`` unit vectors: isotropic (``uniform``) or mostly inside a random ``rank``-dim
     subspace (``lowrank``: 90% of the energy in the subspace, 10% isotropic)."""
-    from index.search import normalize
+    from facefuse.index.search import normalize
 
     if data == "uniform":
         return normalize(rng.standard_normal((n, d), dtype=np.float32))
@@ -71,7 +71,7 @@ def _sample(rng, n: int, d: int, data: str, basis):
 
 
 def make_data(n: int, d: int, nq: int, query_cos: float, seed: int, data: str = "uniform", rank: int = 64):
-    from index.search import normalize
+    from facefuse.index.search import normalize
 
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].T.astype(np.float32) if data == "lowrank" else None
@@ -89,7 +89,7 @@ def make_data(n: int, d: int, nq: int, query_cos: float, seed: int, data: str = 
 def latency(index, xq, n_lat: int, threads: int, **params):
     import faiss
 
-    from index.search import search
+    from facefuse.index.search import search
 
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(threads)
@@ -106,7 +106,7 @@ def latency(index, xq, n_lat: int, threads: int, **params):
 
 
 def run_kind(kind, xb, xq, gt, args):
-    from index.search import build_index, search
+    from facefuse.index.search import build_index, search
 
     t = time.perf_counter()
     index = build_index(xb, kind)
@@ -139,7 +139,7 @@ def main(argv=None):
     args = parse_args(argv)
     import faiss
 
-    from index.search import build_index, search
+    from facefuse.index.search import build_index, search
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)

@@ -33,7 +33,7 @@ COLUMNS = ["model", "images", "pairs", "model_img_s", "bound_s", "verify_s", "ra
 
 
 def parse_args(argv):
-    from trainer.paths import lfw_dir
+    from facefuse.core.paths import lfw_dir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="an .onnx file or a facefuse checkpoint / run folder (default: random weights)")
@@ -44,17 +44,17 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="decoding workers (default: min(4, cores))")
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of throughput measurement")
-    p.add_argument("--cli", action="store_true", help="also time `python cli.py verify` in a subprocess")
+    p.add_argument("--cli", action="store_true", help="also time `python -m facefuse.cli verify` in a subprocess")
     return p.parse_args(argv)
 
 
 def random_model(backbone: str, runtime: str, folder: Path) -> Path:
     import torch
 
-    from export.onnx_export import export_onnx
-    from trainer.checkpoint import ModelMeta, save_model_file
-    from trainer.config import ModelConfig
-    from trainer.model import build_model
+    from facefuse.export.onnx_export import export_onnx
+    from facefuse.trainer.checkpoint import ModelMeta, save_model_file
+    from facefuse.trainer.config import ModelConfig
+    from facefuse.trainer.model import build_model
 
     cfg = ModelConfig(backbone=backbone)
     torch.manual_seed(0)
@@ -84,9 +84,9 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from export.runtime import load_embedder
-    from index.pairs import read_pairs
-    from index.verify import verify_pairs
+    from facefuse.export.runtime import load_embedder
+    from facefuse.index.pairs import read_pairs
+    from facefuse.index.verify import verify_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else random_model(args.backbone, args.runtime, Path(tmp))
@@ -99,7 +99,7 @@ def main(argv=None):
         verify_s = time.perf_counter() - t0
         cli_s = None
         if args.cli:
-            cmd = [sys.executable, str(ROOT / "cli.py"), "verify", args.pairs, "--model", str(model),
+            cmd = [sys.executable, "-m", "facefuse.cli", "verify", args.pairs, "--model", str(model),
                    "--root", args.root, "--batch-size", str(args.batch_size), "--json"]
             if args.workers is not None:
                 cmd += ["--workers", str(args.workers)]

@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS_DIR, device_name, device_slug, print_table, versions  # noqa: E402
-from trainer.io import atomic_write_text  # noqa: E402
-from trainer.paths import lfw_dir  # noqa: E402
+from facefuse.core.files import atomic_write_text  # noqa: E402
+from facefuse.core.paths import lfw_dir  # noqa: E402
 
 
 def fold_identities(pairs_file: Path, fold: int) -> set[str]:
-    from index.pairs import read_pairs
+    from facefuse.index.pairs import read_pairs
 
     pairs = read_pairs(pairs_file, root=pairs_file.parent / "lfw-112")
     keep = pairs.folds == fold
@@ -48,9 +48,9 @@ def evaluate(run_dir: Path, pairs_file: Path, fold: int, device: str) -> dict:
     """Verification figures of the trained model on the fold's pairs, without and with flip TTA."""
     import torch
 
-    from index.metrics import verification_metrics
-    from trainer.checkpoint import load_embedding_model
-    from trainer.evaluate import PairsValidator, embed_paths
+    from facefuse.index.metrics import verification_metrics
+    from facefuse.trainer.checkpoint import load_embedding_model
+    from facefuse.trainer.evaluate import PairsValidator, embed_paths
 
     model, meta = load_embedding_model(run_dir, device)
     val = PairsValidator(str(pairs_file), None, fold)
@@ -122,7 +122,7 @@ def main(argv=None):
 
     from click.testing import CliRunner
 
-    import cli
+    from facefuse import cli
 
     train_args = ["train", "--data", str(lfw / "lfw-112"), "--out", str(run_dir / "train"), "--device", args.device,
                   "--exclude-identities", str(exclude), "--time-budget", str(args.minutes), "--no-progress", *extra]

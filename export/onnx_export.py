@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export.runtime import OnnxEmbedder, meta_to_props, onnx_providers
-from trainer.errors import FacefuseError
-from trainer.io import atomic_path
+from facefuse.export.runtime import OnnxEmbedder, meta_to_props, onnx_providers
+from facefuse.core.errors import FacefuseError
+from facefuse.core.files import atomic_path
 
 MIN_COSINE = {"float32": 0.9999, "float16": 0.995}
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -65,7 +65,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, fp16: bool = False, 
                 check_images: str | Path | None = None, exporter: str = "auto",
                 n_check: int = 8) -> ExportReport:
     """Export ``checkpoint`` (model file, training checkpoint or run folder) to ``out``."""
-    from trainer.checkpoint import load_embedding_model
+    from facefuse.trainer.checkpoint import load_embedding_model
 
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; valid: {', '.join(EXPORTERS)}")
@@ -140,8 +140,8 @@ def _parity(reference: nn.Module, path: Path, batch: torch.Tensor):
 def check_batch(meta, folder: str | Path | None, n: int) -> tuple[torch.Tensor, str]:
     """Up to ``n`` preprocessed images: from ``folder`` if given, else the shared LFW data, else
     synthetic smooth random images (seeded). Returns the batch and a description of its source."""
-    from trainer.data import eval_transform, open_rgb
-    from trainer.paths import lfw_dir
+    from facefuse.trainer.data import eval_transform, open_rgb
+    from facefuse.core.paths import lfw_dir
 
     tf = eval_transform(meta.image_size, meta.mean, meta.std)
     if folder is not None:
@@ -163,7 +163,7 @@ def check_batch(meta, folder: str | Path | None, n: int) -> tuple[torch.Tensor, 
 
 
 def _images_in(folder: Path, n: int) -> list[Path]:
-    from index.gallery import is_image
+    from facefuse.index.gallery import is_image
 
     if not folder.is_dir():
         return []

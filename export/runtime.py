@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.checkpoint import ModelMeta
-from trainer.data import eval_transform, open_rgb
-from trainer.errors import BadImageError, FacefuseError
+from facefuse.trainer.checkpoint import ModelMeta
+from facefuse.trainer.data import eval_transform, open_rgb
+from facefuse.core.errors import BadImageError, FacefuseError
 
 META_PREFIX = "facefuse."
 MAX_LISTED = 5
@@ -216,8 +216,8 @@ class TorchEmbedder(Embedder):
     runtime = "pytorch"
 
     def __init__(self, path: str | Path, *, device: str | torch.device | None = None):
-        from trainer.checkpoint import load_embedding_model
-        from trainer.ops import default_backend
+        from facefuse.trainer.checkpoint import load_embedding_model
+        from facefuse.trainer.ops import default_backend
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.meta = load_embedding_model(path, self.device)

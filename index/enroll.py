@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from index.gallery import (Gallery, build_gallery, identity_from_name, is_image, load_gallery, read_meta,
+from facefuse.index.gallery import (Gallery, build_gallery, identity_from_name, is_image, load_gallery, read_meta,
                            save_gallery, scan_gallery, search_gallery)
-from trainer.errors import FacefuseError
+from facefuse.core.errors import FacefuseError
 
 
 def model_record(embedder, model_path: str | Path) -> dict:

@@ -19,8 +19,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index import search as S
-from trainer.errors import FacefuseError
+from facefuse.index import search as S
+from facefuse.core.errors import FacefuseError
 
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"

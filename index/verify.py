@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from index import metrics
-from index.pairs import Pairs, read_pairs
-from trainer.errors import FacefuseError
-from trainer.io import atomic_path
+from facefuse.index import metrics
+from facefuse.index.pairs import Pairs, read_pairs
+from facefuse.core.errors import FacefuseError
+from facefuse.core.files import atomic_path
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import (
+from facefuse.kernels._common import (
     INTERPRETING,
     check_float_dtype,
     check_same_device,

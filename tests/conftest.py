@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from trainer.paths import lfw_dir  # noqa: E402
+from facefuse.core.paths import lfw_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +56,9 @@ def one_torch_thread():
 
 def make_model_file(path, seed=0, dim=32):
     """A small random embedding model saved as a facefuse model file."""
-    from trainer.checkpoint import ModelMeta, save_model_file
-    from trainer.config import ModelConfig
-    from trainer.model import build_model
+    from facefuse.trainer.checkpoint import ModelMeta, save_model_file
+    from facefuse.trainer.config import ModelConfig
+    from facefuse.trainer.model import build_model
 
     cfg = ModelConfig(backbone="resnet18", embedding_dim=dim, image_size=64, width=0.25)
     torch.manual_seed(seed)

@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import trainer.ops
-from trainer.backbones import BACKBONES, build_backbone
-from trainer.backbones.convnext import ConvNeXt, ConvNeXtBlock
-from trainer.backbones.layers import DropPath, LayerNorm2d, make_divisible
-from trainer.backbones.resnet import BasicBlock, Bottleneck
+import facefuse.trainer.ops
+from facefuse.trainer.backbones import BACKBONES, build_backbone
+from facefuse.trainer.backbones.convnext import ConvNeXt, ConvNeXtBlock
+from facefuse.trainer.backbones.layers import DropPath, LayerNorm2d, make_divisible
+from facefuse.trainer.backbones.resnet import BasicBlock, Bottleneck
 
 NAMES = sorted(BACKBONES)
 CONVNEXTS = [n for n in NAMES if n.startswith("convnext")]
@@ -201,13 +201,13 @@ def test_convnext_block_matches_reference(shape, dtype, atol, rtol):
 
 def test_convnext_dwconv_goes_through_ops(monkeypatch):
     calls = []
-    original = trainer.ops.depthwise_conv7x7
+    original = facefuse.trainer.ops.depthwise_conv7x7
 
     def spy(x, weight, bias, backend="torch"):
         calls.append((backend, x.is_contiguous(memory_format=torch.channels_last), tuple(x.shape)))
         return original(x, weight, bias, backend="torch")  # the reference, whatever was asked
 
-    monkeypatch.setattr(trainer.ops, "depthwise_conv7x7", spy)
+    monkeypatch.setattr(facefuse.trainer.ops, "depthwise_conv7x7", spy)
     model = build_backbone("convnext_atto").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -376,7 +376,7 @@ def test_channels_last_input_same_output():
 
 def test_block_triton_backend_matches_reference():
     """The real fused kernel (under TRITON_INTERPRET=1 on CPU), once kernels/dwconv.py exists."""
-    pytest.importorskip("kernels.dwconv")
+    pytest.importorskip("facefuse.kernels.dwconv")
     torch.manual_seed(7)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     block = randomised_block(12, backend="triton").to(device).eval()
@@ -388,7 +388,7 @@ def test_block_triton_backend_matches_reference():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_convnext_cuda_triton_matches_torch():
-    pytest.importorskip("kernels.dwconv")
+    pytest.importorskip("facefuse.kernels.dwconv")
     torch.manual_seed(8)
     model = build_backbone("convnext_atto").cuda().to(memory_format=torch.channels_last).eval()
     x = torch.randn(4, 3, 112, 112, device="cuda").contiguous(memory_format=torch.channels_last)

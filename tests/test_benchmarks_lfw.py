@@ -6,11 +6,11 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-import cli
+from facefuse import cli
 from benchmarks import lfw_protocol, lfw_report, lfw_suite
-from index.metrics import roc_auc
-from trainer.config import resolve_config
-from trainer.losses import build_head
+from facefuse.index.metrics import roc_auc
+from facefuse.trainer.config import resolve_config
+from facefuse.trainer.losses import build_head
 
 
 def test_fold_identities_are_disjoint_across_folds(lfw):
@@ -125,7 +125,7 @@ RUN_FIELDS = {"data": {"root", "exclude_identities", "val_pairs", "val_pairs_roo
 
 def test_default_config_is_the_measured_recipe():
     """`facefuse train --data D --out O` trains the recipe of the committed row it was chosen from."""
-    from trainer.config import DEFAULT_RECIPE_ROW, TrainConfig
+    from facefuse.trainer.config import DEFAULT_RECIPE_ROW, TrainConfig
 
     doc = json.loads((lfw_report.RESULTS_DIR / "lfw_protocol-cpu2.json").read_text())
     row = next(r for r in doc["results"] if r["name"] == DEFAULT_RECIPE_ROW)

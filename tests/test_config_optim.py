@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from trainer.config import TrainConfig, resolve_config, save_config
-from trainer.errors import FacefuseError
-from trainer.optim import build_ema, build_optimizer, lr_factor, param_groups
-from trainer.config import OptimConfig
+from facefuse.trainer.config import TrainConfig, resolve_config, save_config
+from facefuse.core.errors import FacefuseError
+from facefuse.trainer.optim import build_ema, build_optimizer, lr_factor, param_groups
+from facefuse.trainer.config import OptimConfig
 
 
 def test_precedence_defaults_file_options(tmp_path):
@@ -52,7 +52,7 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 def test_center_loss_has_its_own_lr():
-    from trainer.losses import build_pair_loss
+    from facefuse.trainer.losses import build_pair_loss
 
     m = torch.nn.ModuleDict({"fc": torch.nn.Linear(3, 3), "center": build_pair_loss("center", 3, 5, lr=0.7)})
     groups = param_groups(m, 0.1)
@@ -61,7 +61,7 @@ def test_center_loss_has_its_own_lr():
 
 
 def test_center_loss_without_lr_follows_the_model_lr_undecayed():
-    from trainer.losses import build_pair_loss
+    from facefuse.trainer.losses import build_pair_loss
 
     m = torch.nn.ModuleDict({"fc": torch.nn.Linear(3, 3), "center": build_pair_loss("center", 3, 5)})
     groups = param_groups(m, 0.1)

@@ -4,12 +4,12 @@ import torch
 from PIL import Image
 
 from conftest import write_faces
-from trainer.augment import BatchMixer, build_train_transform, explicit_pipeline, check_pipeline
-from trainer.config import AugmentConfig
-from trainer.data import (FaceDataset, eval_transform, open_rgb, read_identity_list, scan_identities,
+from facefuse.trainer.augment import BatchMixer, build_train_transform, explicit_pipeline, check_pipeline
+from facefuse.trainer.config import AugmentConfig
+from facefuse.trainer.data import (FaceDataset, eval_transform, open_rgb, read_identity_list, scan_identities,
                           split_holdout, verify_images)
-from trainer.errors import BadImageError, FacefuseError
-from trainer.sampler import PKBatchSampler, RandomBatchSampler
+from facefuse.core.errors import BadImageError, FacefuseError
+from facefuse.trainer.sampler import PKBatchSampler, RandomBatchSampler
 
 
 @pytest.mark.parametrize("mode,ext", [("RGB", ".jpg"), ("L", ".pgm"), ("P", ".gif"), ("RGBA", ".png"),

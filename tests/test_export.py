@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from export import onnx_export
-from export.onnx_export import export_onnx
-from export.runtime import OnnxEmbedder, TorchEmbedder, load_embedder
-from trainer.checkpoint import ModelMeta, save_model_file
-from trainer.config import ModelConfig
-from trainer.errors import FacefuseError
-from trainer.model import build_model
+from facefuse.export import onnx_export
+from facefuse.export.onnx_export import export_onnx
+from facefuse.export.runtime import OnnxEmbedder, TorchEmbedder, load_embedder
+from facefuse.trainer.checkpoint import ModelMeta, save_model_file
+from facefuse.trainer.config import ModelConfig
+from facefuse.core.errors import FacefuseError
+from facefuse.trainer.model import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,8 +72,8 @@ def exported(model_file, images, tmp_path_factory):
 
 def _reference(model_file, images):
     """PyTorch float64 reference embeddings of the images, preprocessed by hand."""
-    from trainer.checkpoint import load_embedding_model
-    from trainer.data import eval_transform, open_rgb
+    from facefuse.trainer.checkpoint import load_embedding_model
+    from facefuse.trainer.data import eval_transform, open_rgb
 
     model, meta = load_embedding_model(model_file)
     tf = eval_transform(meta.image_size, meta.mean, meta.std)
@@ -136,7 +136,7 @@ def test_embed_paths_with_worker_processes(model_file, images):
 def test_flip_tta_is_sum_of_image_and_mirror(model_file, images):
     ref, x = _reference(model_file, images)
     with torch.no_grad():
-        from trainer.checkpoint import load_embedding_model
+        from facefuse.trainer.checkpoint import load_embedding_model
         mirror = load_embedding_model(model_file)[0].double()(x.flip(-1)).numpy()
     want = ref + mirror
     want /= np.linalg.norm(want, axis=1, keepdims=True)
@@ -150,7 +150,7 @@ def test_bgr_channel_order_is_applied(tmp_path, images):
     rgb = make_model_file(tmp_path / "rgb.pt", seed=3)
     bgr = make_model_file(tmp_path / "bgr.pt", seed=3, channel_order="BGR")
     ref, x = _reference(rgb, images[:3])
-    from trainer.checkpoint import load_embedding_model
+    from facefuse.trainer.checkpoint import load_embedding_model
     with torch.no_grad():
         want = load_embedding_model(rgb)[0].double()(x.flip(1)).numpy()
     e, _ = TorchEmbedder(bgr, device="cpu").embed_paths(images[:3], num_workers=0)
@@ -249,7 +249,7 @@ def test_cuda_runtimes_match_cpu(exported, model_file, images):
 def test_export_cli(tmp_path, model_file, images):
     from click.testing import CliRunner
 
-    from cli import main
+    from facefuse.cli import main
 
     run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
     ok = run("export", "--onnx", tmp_path / "m.onnx", "--checkpoint", model_file, "--exporter", "torchscript",

@@ -7,10 +7,10 @@ import faiss
 import numpy as np
 import pytest
 
-from index import search as S
-from index.gallery import (build_gallery, identity_from_name, load_gallery, save_gallery, scan_gallery,
+from facefuse.index import search as S
+from facefuse.index.gallery import (build_gallery, identity_from_name, load_gallery, save_gallery, scan_gallery,
                            search_gallery)
-from trainer.errors import FacefuseError
+from facefuse.core.errors import FacefuseError
 
 MODEL = {"fingerprint": "abc123", "embedding_dim": 0, "backbone": "resnet18"}
 

@@ -7,8 +7,8 @@ import pytest
 from conftest import kernel_devices
 import torch
 
-from kernels._common import INTERPRETING
-from kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference
+from facefuse.kernels._common import INTERPRETING
+from facefuse.kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference
 
 DEVICES = kernel_devices(INTERPRETING)
 pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA, or TRITON_INTERPRET=1 set before import")
@@ -116,7 +116,7 @@ def test_bad_inputs_raise(case):
 
 
 def test_cpu_tensors_rejected_when_not_interpreting(monkeypatch):
-    import kernels._common as common
+    import facefuse.kernels._common as common
 
     monkeypatch.setattr(common, "INTERPRETING", False)
     x, w, b, _ = make_inputs(1, 3, 3, 3, torch.float32, True, seed=1, device="cpu")

@@ -13,9 +13,9 @@ from conftest import kernel_devices
 import torch
 import torch.nn.functional as F
 
-import kernels.margin_ce as mce
-from kernels._common import INTERPRETING
-from kernels.margin_ce import margin_cross_entropy, margin_cross_entropy_reference
+import facefuse.kernels.margin_ce as mce
+from facefuse.kernels._common import INTERPRETING
+from facefuse.kernels.margin_ce import margin_cross_entropy, margin_cross_entropy_reference
 
 DEVICES = kernel_devices(INTERPRETING)
 pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA, or TRITON_INTERPRET=1 set before import")
@@ -209,7 +209,7 @@ def test_bad_hyper_parameters_raise():
 
 
 def test_cpu_tensors_rejected_when_not_interpreting(monkeypatch):
-    import kernels._common as common
+    import facefuse.kernels._common as common
 
     monkeypatch.setattr(common, "INTERPRETING", False)
     x, w, y = make_inputs(3, 4, 5, torch.float32, seed=1, device="cpu")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from trainer.losses import CLASSIFICATION_HEADS, build_head
-from trainer.losses.margin import ArcFace, CombinedMargin, CosFace, NormFace, SoftmaxHead, SphereFace
+from facefuse.trainer.losses import CLASSIFICATION_HEADS, build_head
+from facefuse.trainer.losses.margin import ArcFace, CombinedMargin, CosFace, NormFace, SoftmaxHead, SphereFace
 
 SHAPES = [(6, 7, 5), (13, 32, 11)]  # (B, D, C)
 DTYPES = [(torch.float32, 2e-4, 2e-5), (torch.float64, 1e-10, 1e-10)]  # (dtype, atol, rtol)
@@ -243,7 +243,7 @@ def test_unknown_head_lists_valid_names_and_backend_is_checked():
 
 def _margin_ce_module():
     try:
-        from kernels import margin_ce
+        from facefuse.kernels import margin_ce
     except ImportError as exc:
         pytest.skip(f"kernels.margin_ce not importable: {exc}")
     return margin_ce

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from trainer.losses import PAIR_LOSSES, PairIndices, TripletIndices, build_pair_loss
-from trainer.losses.miners import all_pairs, batch_hard_triplets, semi_hard_triplets
-from trainer.losses.pair import CenterLoss, CircleLoss, circle_loss_from_similarity, cosine_similarity_matrix
+from facefuse.trainer.losses import PAIR_LOSSES, PairIndices, TripletIndices, build_pair_loss
+from facefuse.trainer.losses.miners import all_pairs, batch_hard_triplets, semi_hard_triplets
+from facefuse.trainer.losses.pair import CenterLoss, CircleLoss, circle_loss_from_similarity, cosine_similarity_matrix
 
 SHAPES = [(6, 7, 5), (13, 32, 11), (13, 7, 5)]  # (B, D, C)
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-10, 1e-10)]  # (dtype, atol, rtol)

@@ -7,8 +7,8 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from index import metrics
-from trainer.errors import FacefuseError
+from facefuse.index import metrics
+from facefuse.core.errors import FacefuseError
 
 
 def _data(n, kind, seed):

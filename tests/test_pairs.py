@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.pairs import read_pairs
-from trainer.errors import FacefuseError
+from facefuse.index.pairs import read_pairs
+from facefuse.core.errors import FacefuseError
 
 
 def _write(tmp_path, text, name="pairs.txt"):

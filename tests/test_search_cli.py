@@ -10,8 +10,8 @@ from conftest import assert_one_line_error, make_model_file
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
-from export.runtime import TorchEmbedder
+from facefuse.cli import main
+from facefuse.export.runtime import TorchEmbedder
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from facefuse import cli
 from conftest import write_faces
-from trainer.checkpoint import load, load_embedding_model
+from facefuse.trainer.checkpoint import load, load_embedding_model
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "resnet18", "--width", "0.25", "--embedding-dim", "16", "--image-size", "32",
@@ -102,7 +102,7 @@ def test_nan_loss_is_reported(faces, tmp_path):
 
 
 def _train_cmd(data, out, *extra):
-    return [sys.executable, str(REPO / "cli.py"), "train", "--data", str(data), "--out", str(out), *TINY, *extra]
+    return [sys.executable, "-m", "facefuse.cli", "train", "--data", str(data), "--out", str(out), *TINY, *extra]
 
 
 def test_exact_resume_after_kill(tmp_path):
@@ -171,7 +171,7 @@ def test_triton_kernels_in_a_training_step(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     runs = {}
     for backend in ("torch", "triton"):
-        cmd = [sys.executable, str(REPO / "cli.py"), "train", "--data", str(data), "--out", str(tmp_path / backend),
+        cmd = [sys.executable, "-m", "facefuse.cli", "train", "--data", str(data), "--out", str(tmp_path / backend),
                "--kernels", backend, *args]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -182,7 +182,7 @@ def test_triton_kernels_in_a_training_step(tmp_path):
 
 def test_triton_without_gpu_or_interpreter_is_an_error(faces, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", "--data", str(faces), "--out",
+    r = subprocess.run([sys.executable, "-m", "facefuse.cli", "train", "--data", str(faces), "--out",
                         str(tmp_path / "run"), "--kernels", "triton", "--device", "cpu", *TINY],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--kernels triton needs --device cuda" in r.stderr

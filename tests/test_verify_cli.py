@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from cli import main
-from export.runtime import TorchEmbedder
-from index import metrics
+from facefuse.cli import main
+from facefuse.export.runtime import TorchEmbedder
+from facefuse.index import metrics
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -103,7 +103,7 @@ def test_lfw_format_folds_and_text_output(data, tmp_path):
     res = run("verify", pairs, "--model", model, "--root", root / "imgs", "--json")
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
-    from index.pairs import read_pairs
+    from facefuse.index.pairs import read_pairs
     p = read_pairs(pairs, root=root / "imgs")
     s = _independent_scores(model, p.paths_a, p.paths_b)
     mean, std, _, _ = metrics.kfold_accuracy(s, p.labels, p.folds)
@@ -152,7 +152,7 @@ def test_onnx_model_gives_the_same_scores(data, tmp_path):
 
 
 def test_real_lfw_images(lfw, data, tmp_path):
-    from index.pairs import read_pairs
+    from facefuse.index.pairs import read_pairs
     p = read_pairs(lfw / "pairsDevTest.txt", root=lfw / "lfw-112")
     pick = list(range(6)) + list(range(500, 506))
     pairs = tmp_path / "lfw.txt"
@@ -229,6 +229,6 @@ def test_option_errors(data, tmp_path):
 
 
 def test_debug_shows_the_exception(data, tmp_path):
-    from trainer.errors import FacefuseError
+    from facefuse.core.errors import FacefuseError
     res = CliRunner().invoke(main, ["--debug", "verify", str(tmp_path / "none.txt"), "--model", str(data[1])])
     assert isinstance(res.exception, FacefuseError)

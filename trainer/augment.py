@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from trainer.config import AugmentConfig
-from trainer.errors import FacefuseError
+from facefuse.trainer.config import AugmentConfig
+from facefuse.core.errors import FacefuseError
 
 # name -> v2 transform class: the steps an explicit pipeline may use
 TRANSFORMS = {

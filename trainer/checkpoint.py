@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config import ModelConfig
-from trainer.errors import FacefuseError
-from trainer.io import atomic_path
+from facefuse.trainer.config import ModelConfig
+from facefuse.core.errors import FacefuseError
+from facefuse.core.files import atomic_path
 
 FORMAT = "facefuse"
 VERSION = 1
@@ -116,7 +116,7 @@ def load_embedding_model(path: str | Path, device: str | torch.device = "cpu", *
 
     Returns ``(model in eval mode on device, ModelMeta)``. Training checkpoints use their EMA
     weights when present and ``ema`` is true."""
-    from trainer.model import build_model
+    from facefuse.trainer.model import build_model
 
     path = resolve_model_path(path)
     payload = load(path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from trainer.errors import FacefuseError
+from facefuse.core.errors import FacefuseError
 
 
 # The default recipe: what `facefuse train --data D --out O` trains. It was chosen by measurement
@@ -227,7 +227,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    from trainer.io import atomic_write_text
+    from facefuse.core.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from trainer.errors import BadImageError, FacefuseError
+from facefuse.core.errors import BadImageError, FacefuseError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}

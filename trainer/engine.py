@@ -19,19 +19,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from trainer import checkpoint as ckpt
-from trainer import distributed
-from trainer.augment import BatchMixer, build_train_transform
-from trainer.config import TrainConfig, save_config
-from trainer.data import (FaceDataset, ImageList, eval_transform, read_identity_list, scan_identities,
+from facefuse.trainer import checkpoint as ckpt
+from facefuse.trainer import distributed
+from facefuse.trainer.augment import BatchMixer, build_train_transform
+from facefuse.trainer.config import TrainConfig, save_config
+from facefuse.trainer.data import (FaceDataset, ImageList, eval_transform, read_identity_list, scan_identities,
                           split_holdout, verify_images)
-from trainer.errors import FacefuseError
-from trainer.evaluate import PairsValidator, classification_accuracy
-from trainer.io import append_line, atomic_write_text
-from trainer.model import build_face_model, count_parameters
-from trainer.ops import default_backend
-from trainer.optim import build_ema, build_optimizer, lr_factor, set_lr
-from trainer.sampler import PKBatchSampler, RandomBatchSampler
+from facefuse.core.errors import FacefuseError
+from facefuse.trainer.evaluate import PairsValidator, classification_accuracy
+from facefuse.core.files import append_line, atomic_write_text
+from facefuse.trainer.model import build_face_model, count_parameters
+from facefuse.trainer.ops import default_backend
+from facefuse.trainer.optim import build_ema, build_optimizer, lr_factor, set_lr
+from facefuse.trainer.sampler import PKBatchSampler, RandomBatchSampler
 
 
 class SeededDataset(torch.utils.data.Dataset):
@@ -152,7 +152,7 @@ class Trainer:
         if cfg.model.kernel_backend == "auto":
             cfg.model.kernel_backend = default_backend(self.device)
         if cfg.model.kernel_backend == "triton" and self.device.type != "cuda":
-            from kernels._common import INTERPRETING
+            from facefuse.kernels._common import INTERPRETING
 
             if not INTERPRETING:
                 raise FacefuseError("--kernels triton needs --device cuda (or TRITON_INTERPRET=1 to interpret "

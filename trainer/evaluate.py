@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from trainer.data import PathDataset, eval_transform
-from trainer.errors import FacefuseError
+from facefuse.trainer.data import PathDataset, eval_transform
+from facefuse.core.errors import FacefuseError
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ class PairsValidator:
     """Embeds each unique image of a pairs file once per evaluation and scores every pair."""
 
     def __init__(self, pairs_file: str, root: str | None, fold: int | None):
-        from index.pairs import read_pairs
+        from facefuse.index.pairs import read_pairs
 
         pairs = read_pairs(pairs_file, root=root)
         if pairs.labels is None:
@@ -85,7 +85,7 @@ class PairsValidator:
         return np.sum(emb[self.ia] * emb[self.ib], axis=1)
 
     def evaluate(self, embedder, **embed_kw) -> dict:
-        from index.metrics import verification_metrics
+        from facefuse.index.metrics import verification_metrics
 
         emb = embed_paths(embedder, self.unique, **embed_kw)
         s = self.scores(emb)

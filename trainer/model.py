@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from trainer.backbones import build_backbone
-from trainer.config import LossConfig, ModelConfig
-from trainer.ops import check_backend
+from facefuse.trainer.backbones import build_backbone
+from facefuse.trainer.config import LossConfig, ModelConfig
+from facefuse.trainer.ops import check_backend
 
 
 class GDCNeck(nn.Module):
@@ -149,7 +149,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> EmbeddingModel:
 
 
 def build_face_model(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int) -> FaceModel:
-    from trainer.losses import CLASSIFICATION_HEADS, PAIR_LOSSES, build_head, build_pair_loss
+    from facefuse.trainer.losses import CLASSIFICATION_HEADS, PAIR_LOSSES, build_head, build_pair_loss
 
     embedder = build_model(model_cfg, num_classes)
     backend = "torch" if model_cfg.kernel_backend == "auto" else model_cfg.kernel_backend

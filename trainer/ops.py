@@ -46,9 +46,9 @@ def margin_cross_entropy(
     :func:`kernels.margin_ce.margin_cross_entropy_reference` for the exact math.
     """
     if check_backend(backend) == "triton":
-        from kernels.margin_ce import margin_cross_entropy as fused
+        from facefuse.kernels.margin_ce import margin_cross_entropy as fused
     else:
-        from kernels.margin_ce import margin_cross_entropy_reference as fused
+        from facefuse.kernels.margin_ce import margin_cross_entropy_reference as fused
     return fused(x, weight, labels, s=s, m1=m1, m2=m2, m3=m3, label_smoothing=label_smoothing)
 
 
@@ -57,7 +57,7 @@ def depthwise_conv7x7(
 ) -> torch.Tensor:
     """Depthwise 7x7 convolution, stride 1, padding 3: ``x`` is N x C x H x W, weight C x 1 x 7 x 7."""
     if check_backend(backend) == "triton":
-        from kernels.dwconv import depthwise_conv7x7 as fused
+        from facefuse.kernels.dwconv import depthwise_conv7x7 as fused
 
         return fused(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=3, groups=x.shape[1])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer import ops
+from facefuse.trainer import ops
 
 from .layers import DropPath, LayerNorm2d, check_options, drop_path_rates, make_divisible
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.ops import check_backend
+from facefuse.trainer.ops import check_backend
 
 from .layers import DropPath, check_options, drop_path_rates, make_divisible
 

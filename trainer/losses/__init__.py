@@ -7,7 +7,7 @@ import inspect
 
 from torch import nn
 
-from trainer.losses.margin import (
+from facefuse.trainer.losses.margin import (
     ArcFace,
     CombinedMargin,
     CosFace,
@@ -17,8 +17,8 @@ from trainer.losses.margin import (
     SoftmaxHead,
     SphereFace,
 )
-from trainer.losses.miners import AnchorPositiveIndices, PairIndices, TripletIndices
-from trainer.losses.pair import CenterLoss, CircleLoss, NPairLoss, SupConLoss, TripletLoss
+from facefuse.trainer.losses.miners import AnchorPositiveIndices, PairIndices, TripletIndices
+from facefuse.trainer.losses.pair import CenterLoss, CircleLoss, NPairLoss, SupConLoss, TripletLoss
 
 CLASSIFICATION_HEADS = {
     "softmax": SoftmaxHead,

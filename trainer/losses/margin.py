@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.ops import check_backend, cosine_logits
+from facefuse.trainer.ops import check_backend, cosine_logits
 
 COS_EPS = 1e-7
 
@@ -163,7 +163,7 @@ class MarginHead(nn.Module):
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         _check_batch(emb, labels, self.embedding_dim)
         if self.kernel_backend == "triton":
-            from kernels.margin_ce import margin_cross_entropy
+            from facefuse.kernels.margin_ce import margin_cross_entropy
 
             m1, m2, m3 = self.margins
             # under autocast the embeddings are bf16/fp16 and the master weights fp32: the kernel

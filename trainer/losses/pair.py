@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.losses.miners import TRIPLET_MINERS, all_pairs, npair_indices
+from facefuse.trainer.losses.miners import TRIPLET_MINERS, all_pairs, npair_indices
 
 
 def _require(ok: bool, param: str, message: str) -> None:
