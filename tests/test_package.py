@@ -3,6 +3,7 @@ top-level names (`cli`, `trainer`, `kernels`, `export`, `index`) that would clas
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -53,14 +54,28 @@ def test_module_entry_point(tmp_path):
         assert command in r.stdout
 
 
+def _source_copy(dest: Path) -> Path:
+    """The files git would commit (tracked and untracked, not ignored), copied to ``dest``, so the
+    wheel is built from the source alone (no stale build/ folder, no venv)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    """The project's wheel, built from the working tree with the test environment's setuptools."""
+    """The project's wheel, built from a copy of the source with the test environment's setuptools."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs a git checkout to know the source files")
+    src = _source_copy(tmp_path_factory.mktemp("src"))
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "--wheel-dir", str(out), str(REPO)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "TMPDIR": str(build)})
+                        "--wheel-dir", str(out), str(src)], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         pytest.fail(f"pip wheel failed: {r.stderr[-3000:]}")
     wheels = list(out.glob("facefuse-*.whl"))
