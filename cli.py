@@ -256,7 +256,7 @@ def verify_cmd(pairs, model, root, out_csv, threshold, plot, as_json, skip_missi
     """Score every pair in PAIRS (LFW pairs.txt / pairsDev*.txt, or `path_a path_b [label]` lines)."""
     from pathlib import Path
 
-    from facefuse.index.pairs import read_pairs
+    from facefuse.core.pairs import read_pairs
     from facefuse.index.verify import check_plot_path, plot_roc, verify_pairs, write_scores_csv
 
     if plot:

@@ -85,7 +85,7 @@ def main(argv=None):
     import torch
 
     from facefuse.export.runtime import load_embedder
-    from facefuse.index.pairs import read_pairs
+    from facefuse.core.pairs import read_pairs
     from facefuse.index.verify import verify_pairs
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,7 @@ from facefuse.core.paths import lfw_dir  # noqa: E402
 
 
 def fold_identities(pairs_file: Path, fold: int) -> set[str]:
-    from facefuse.index.pairs import read_pairs
+    from facefuse.core.pairs import read_pairs
 
     pairs = read_pairs(pairs_file, root=pairs_file.parent / "lfw-112")
     keep = pairs.folds == fold
@@ -48,15 +48,15 @@ def evaluate(run_dir: Path, pairs_file: Path, fold: int, device: str) -> dict:
     """Verification figures of the trained model on the fold's pairs, without and with flip TTA."""
     import torch
 
-    from facefuse.index.metrics import verification_metrics
+    from facefuse.core.metrics import verification_metrics
     from facefuse.trainer.checkpoint import load_embedding_model
-    from facefuse.trainer.evaluate import PairsValidator, embed_paths
+    from facefuse.trainer.evaluate import PairsValidator, embed_images
 
     model, meta = load_embedding_model(run_dir, device)
     val = PairsValidator(str(pairs_file), None, fold)
     out = {}
     for flip in (False, True):
-        emb = embed_paths(model, val.unique, image_size=meta.image_size, mean=meta.mean, std=meta.std,
+        emb = embed_images(model, val.unique, image_size=meta.image_size, mean=meta.mean, std=meta.std,
                           device=torch.device(device), autocast=contextlib.nullcontext, flip=flip)
         scores = val.scores(emb)
         m = verification_metrics(scores, val.labels, folds=val.folds)

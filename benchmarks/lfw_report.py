@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS_DIR  # noqa: E402
-from facefuse.index.metrics import roc_curve  # noqa: E402
+from facefuse.core.metrics import roc_curve  # noqa: E402
 from facefuse.core.files import atomic_path, atomic_write_text  # noqa: E402
 
 COLUMNS = [  # (header, key, format)

@@ -29,6 +29,8 @@ import torch.nn as nn
 from facefuse.export.runtime import OnnxEmbedder, meta_to_props, onnx_providers
 from facefuse.core.errors import FacefuseError
 from facefuse.core.files import atomic_path
+from facefuse.core.images import eval_transform, is_image, open_rgb
+from facefuse.core.paths import lfw_dir
 
 MIN_COSINE = {"float32": 0.9999, "float16": 0.995}
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -140,9 +142,6 @@ def _parity(reference: nn.Module, path: Path, batch: torch.Tensor):
 def check_batch(meta, folder: str | Path | None, n: int) -> tuple[torch.Tensor, str]:
     """Up to ``n`` preprocessed images: from ``folder`` if given, else the shared LFW data, else
     synthetic smooth random images (seeded). Returns the batch and a description of its source."""
-    from facefuse.trainer.data import eval_transform, open_rgb
-    from facefuse.core.paths import lfw_dir
-
     tf = eval_transform(meta.image_size, meta.mean, meta.std)
     if folder is not None:
         paths = _images_in(Path(folder), n)
@@ -163,8 +162,6 @@ def check_batch(meta, folder: str | Path | None, n: int) -> tuple[torch.Tensor, 
 
 
 def _images_in(folder: Path, n: int) -> list[Path]:
-    from facefuse.index.gallery import is_image
-
     if not folder.is_dir():
         return []
     found: list[Path] = []

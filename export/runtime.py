@@ -11,26 +11,18 @@ Embeddings returned to callers are float32 numpy arrays, L2-normalised row by ro
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from facefuse.trainer.checkpoint import ModelMeta
-from facefuse.trainer.data import eval_transform, open_rgb
-from facefuse.core.errors import BadImageError, FacefuseError
+from facefuse.core.embed import embed_batch_tta, embed_paths, l2_normalize
+from facefuse.core.errors import FacefuseError
+from facefuse.core.images import eval_transform
+from facefuse.core.meta import ModelMeta
 
 META_PREFIX = "facefuse."
-MAX_LISTED = 5
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
 
 
 class Embedder(ABC):
@@ -66,90 +58,15 @@ class Embedder(ABC):
         x = torch.as_tensor(x).float()
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a B x 3 x H x W batch, got shape {tuple(x.shape)}")
-        e = self._run(x)
-        if flip_tta:
-            e = e + self._run(x.flip(-1))
-        return l2_normalize(e) if normalize else e.astype(np.float32)
+        e = embed_batch_tta(self._run, x, flip_tta)
+        return l2_normalize(e) if normalize else e
 
     def embed_paths(self, paths, *, batch_size: int = 64, num_workers: int | None = None,
                     flip_tta: bool = False, skip_missing: bool = False,
                     where: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Embed image files; decoding runs in ``num_workers`` DataLoader workers.
-
-        Returns ``(embeddings N x D float32, ok_mask N bool)``; rows of failed images are zero.
-        Fewer than 64 images are decoded in-process (starting workers would cost more).
-        A missing or undecodable image raises :class:`FacefuseError` listing the first few
-        (with ``where[path]``, e.g. ``"pairs.txt:17"``, when given) unless ``skip_missing``.
-        Missing files are found before any decoding starts, so that error comes at once.
-        """
-        paths = [Path(p) for p in paths]
-        n = len(paths)
-        out = np.zeros((n, self.dim), dtype=np.float32)
-        ok = np.ones(n, dtype=bool)
-        errors: dict[int, str] = {}
-        for i, p in enumerate(paths):
-            if not p.is_file():
-                errors[i] = f"{p}: {'is a folder, not an image' if p.is_dir() else 'no such file'}"
-        if errors and not skip_missing:
-            raise FacefuseError(_listing(errors, paths, where, "missing"))
-        todo = [i for i in range(n) if i not in errors]
-        if todo:
-            loader = DataLoader(_Images([paths[i] for i in todo], self.transform()),
-                                batch_size=batch_size, num_workers=_workers(num_workers, len(todo)),
-                                collate_fn=_collate)
-            for idx, x, bad in loader:
-                rows = np.asarray([todo[j] for j in idx])
-                for j, msg in bad:
-                    errors[todo[j]] = msg
-                if errors and not skip_missing:
-                    break  # fail early: no point embedding the rest
-                if x is not None:
-                    out[rows] = self.embed_tensor(x, flip_tta=flip_tta)
-        if errors:
-            if not skip_missing:
-                raise FacefuseError(_listing(errors, paths, where, "unreadable"))
-            ok[list(errors)] = False
-        return out, ok
-
-
-def _workers(num_workers: int | None, n: int) -> int:
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
-    return 0 if n < 64 else num_workers
-
-
-def _listing(errors: dict, paths, where, kind: str) -> str:
-    first = sorted(errors)[:MAX_LISTED]
-    items = []
-    for i in first:
-        loc = (where or {}).get(paths[i])
-        items.append(f"{errors[i]}" + (f" ({loc})" if loc else ""))
-    more = f" and {len(errors) - len(first)} more" if len(errors) > len(first) else ""
-    return (f"{len(errors)} {kind} image(s): " + "; ".join(items) + more
-            + " (pass --skip-missing to go on without them)")
-
-
-class _Images(Dataset):
-    """(index, tensor or None, error message or None) per path: a bad image never stops a worker."""
-
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(open_rgb(self.paths[i])), None
-        except BadImageError as exc:
-            return i, None, str(exc)
-
-
-def _collate(items):
-    good = [(i, x) for i, x, err in items if err is None]
-    bad = [(i, err) for i, _, err in items if err is not None]
-    x = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], x, bad
+        """Embed image files with this model: :func:`facefuse.core.embed.embed_paths`."""
+        return embed_paths(self._run, paths, self.transform(), dim=self.dim, batch_size=batch_size,
+                           num_workers=num_workers, flip_tta=flip_tta, skip_missing=skip_missing, where=where)
 
 
 # ---------------------------------------------------------------- ONNX Runtime

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from facefuse.index.gallery import (Gallery, build_gallery, identity_from_name, is_image, load_gallery, read_meta,
+from facefuse.core.images import is_image
+from facefuse.index.gallery import (Gallery, build_gallery, identity_from_name, load_gallery, read_meta,
                            save_gallery, scan_gallery, search_gallery)
 from facefuse.core.errors import FacefuseError
 

@@ -21,11 +21,11 @@ import numpy as np
 
 from facefuse.index import search as S
 from facefuse.core.errors import FacefuseError
+from facefuse.core.images import is_image
 
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"
 FORMAT = "facefuse-gallery"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -189,10 +189,6 @@ def load_gallery(folder: str | Path, *, fingerprint: str | None = None,
 
 
 # ---------------------------------------------------------------- image folders
-
-
-def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def identity_from_name(path: Path) -> str:

@@ -17,6 +17,8 @@ import math
 import faiss
 import numpy as np
 
+from facefuse.core.embed import l2_normalize as normalize  # noqa: F401  (the one L2-normalisation)
+
 KINDS = ("flat", "ivf", "hnsw")
 DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 64
@@ -33,14 +35,6 @@ def as_float32(x) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array of vectors, got shape {x.shape}")
-    return x
-
-
-def normalize(x) -> np.ndarray:
-    """Rows scaled to unit L2 norm (a new float32 array; zero rows stay zero)."""
-    x = as_float32(x).copy()
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, n, out=x, where=n > 0)
     return x
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facefuse.index import metrics
-from facefuse.index.pairs import Pairs, read_pairs
+from facefuse.core import metrics
+from facefuse.core.pairs import Pairs, read_pairs
 from facefuse.core.errors import FacefuseError
 from facefuse.core.files import atomic_path
 
@@ -23,7 +23,7 @@ class VerifyResult:
     scored: np.ndarray        # bool per pair: both images embedded
     n_images: int             # distinct images in the file
     n_skipped_images: int
-    metrics: dict | None      # index.metrics.verification_metrics over the scored pairs (labels only)
+    metrics: dict | None      # core.metrics.verification_metrics over the scored pairs (labels only)
     threshold: float | None   # the decision threshold used for "same" in the CSV, if any
 
     def decisions(self) -> np.ndarray | None:

@@ -8,7 +8,7 @@ import pytest
 
 from facefuse import cli
 from benchmarks import lfw_protocol, lfw_report, lfw_suite
-from facefuse.index.metrics import roc_auc
+from facefuse.core.metrics import roc_auc
 from facefuse.trainer.config import resolve_config
 from facefuse.trainer.losses import build_head
 

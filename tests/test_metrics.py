@@ -1,4 +1,4 @@
-"""index.metrics against scikit-learn and plain numpy brute force, on random and tied scores."""
+"""core.metrics against scikit-learn and plain numpy brute force, on random and tied scores."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from facefuse.index import metrics
+from facefuse.core import metrics
 from facefuse.core.errors import FacefuseError
 
 

@@ -1,11 +1,11 @@
-"""index.pairs: every supported format, path resolution and one error per kind of bad line."""
+"""core.pairs: every supported format, path resolution and one error per kind of bad line."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from facefuse.index.pairs import read_pairs
+from facefuse.core.pairs import read_pairs
 from facefuse.core.errors import FacefuseError
 
 

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from facefuse.cli import main
 from facefuse.export.runtime import TorchEmbedder
-from facefuse.index import metrics
+from facefuse.core import metrics
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -103,7 +103,7 @@ def test_lfw_format_folds_and_text_output(data, tmp_path):
     res = run("verify", pairs, "--model", model, "--root", root / "imgs", "--json")
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
-    from facefuse.index.pairs import read_pairs
+    from facefuse.core.pairs import read_pairs
     p = read_pairs(pairs, root=root / "imgs")
     s = _independent_scores(model, p.paths_a, p.paths_b)
     mean, std, _, _ = metrics.kfold_accuracy(s, p.labels, p.folds)
@@ -152,7 +152,7 @@ def test_onnx_model_gives_the_same_scores(data, tmp_path):
 
 
 def test_real_lfw_images(lfw, data, tmp_path):
-    from facefuse.index.pairs import read_pairs
+    from facefuse.core.pairs import read_pairs
     p = read_pairs(lfw / "pairsDevTest.txt", root=lfw / "lfw-112")
     pick = list(range(6)) + list(range(500, 506))
     pairs = tmp_path / "lfw.txt"

@@ -8,58 +8,16 @@ splits off a held-out image set for closed-set classification accuracy.
 from __future__ import annotations
 
 import random
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from facefuse.core.errors import BadImageError, FacefuseError
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
-IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
-
-
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully and return it as RGB (grey, palette, 16-bit and RGBA are converted)."""
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("I;16", "I;16B", "I", "F"):
-                    im = im.point(lambda v: v / 256).convert("L")  # 16-bit / float grey to 8-bit
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                    bg = Image.new("RGB", im.size, (0, 0, 0))
-                    bg.paste(im, mask=im.getchannel("A"))
-                    return bg
-                return im.convert("RGB")
-    except FileNotFoundError:
-        raise BadImageError(path, "no such file") from None
-    except IsADirectoryError:
-        raise BadImageError(path, "is a directory, not an image") from None
-    except UnidentifiedImageError:
-        raise BadImageError(path, "not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(path, f"corrupt or truncated image ({exc})") from None
-
-
-def eval_transform(image_size: int, mean, std) -> v2.Compose:
-    """PIL image -> normalised float tensor 3 x S x S: resize the short side, centre crop."""
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(image_size, antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
-
+from facefuse.core.images import IGNORED_NAMES, IMAGE_EXTENSIONS, eval_transform, open_rgb  # noqa: F401
 
 @dataclass
 class ImageList:
@@ -188,17 +146,3 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(open_rgb(self.images.paths[i])), self.images.labels[i]
-
-
-class PathDataset(Dataset):
-    """Images by path for embedding (verification pairs); returns (tensor, index)."""
-
-    def __init__(self, paths: list[str], transform):
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return self.transform(open_rgb(self.paths[i])), i

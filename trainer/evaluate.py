@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from facefuse.trainer.data import PathDataset, eval_transform
+from facefuse.core.embed import embed_paths
 from facefuse.core.errors import FacefuseError
+from facefuse.core.images import eval_transform
+from facefuse.core.metrics import verification_metrics
+from facefuse.core.pairs import read_pairs
 
 
 @torch.no_grad()
@@ -30,30 +31,26 @@ def classification_accuracy(face_model, loader, device, autocast) -> float | Non
     return correct / max(1, total)
 
 
-@torch.no_grad()
-def embed_paths(embedder, paths: list, *, image_size: int, mean, std, device, autocast, batch_size: int = 128,
-                num_workers: int = 0, flip: bool = False) -> np.ndarray:
-    """L2-normalised float32 embeddings of the images at ``paths`` (N x D)."""
+def embed_images(embedder, paths: list, *, image_size: int, mean, std, device, autocast, batch_size: int = 128,
+                 num_workers: int = 0, flip: bool = False) -> np.ndarray:
+    """L2-normalised float32 embeddings (N x D) of the images at ``paths`` by a model in training
+    (on ``device``, under ``autocast``), through the one :func:`facefuse.core.embed.embed_paths`."""
     embedder.eval()
-    ds = PathDataset([str(p) for p in paths], eval_transform(image_size, mean, std))
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    out = []
-    for x, _ in loader:
-        x = x.to(device, non_blocking=True)
+
+    @torch.no_grad()
+    def run(x):
         with autocast():
-            e = embedder.embed(x).float()
-            if flip:
-                e = e + embedder.embed(torch.flip(x, dims=[3])).float()
-        out.append(F.normalize(e, dim=1).cpu())
-    return torch.cat(out).numpy()
+            return embedder.embed(x.to(device, non_blocking=True)).float()
+
+    emb, _ = embed_paths(run, paths, eval_transform(image_size, mean, std), dim=embedder.embedding_dim,
+                         batch_size=batch_size, num_workers=num_workers, flip_tta=flip)
+    return emb
 
 
 class PairsValidator:
     """Embeds each unique image of a pairs file once per evaluation and scores every pair."""
 
     def __init__(self, pairs_file: str, root: str | None, fold: int | None):
-        from facefuse.index.pairs import read_pairs
-
         pairs = read_pairs(pairs_file, root=root)
         if pairs.labels is None:
             raise FacefuseError(f"--val-pairs {pairs_file}: validation pairs need same/different labels")
@@ -85,9 +82,7 @@ class PairsValidator:
         return np.sum(emb[self.ia] * emb[self.ib], axis=1)
 
     def evaluate(self, embedder, **embed_kw) -> dict:
-        from facefuse.index.metrics import verification_metrics
-
-        emb = embed_paths(embedder, self.unique, **embed_kw)
+        emb = embed_images(embedder, self.unique, **embed_kw)
         s = self.scores(emb)
         if not np.all(np.isfinite(s)):
             return {"n_pairs": int(len(s)), "error": "non-finite scores"}

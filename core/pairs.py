@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facefuse.core.errors import FacefuseError
+from .errors import FacefuseError
 
 _LABELS = {"1": 1, "0": 0, "same": 1, "different": 0, "diff": 0, "true": 1, "false": 0}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facefuse.core.errors import FacefuseError
+from .errors import FacefuseError
 
 FAR_TARGETS = (1e-2, 1e-3)
 

@@ -1,0 +1,123 @@
+"""Batch embedding of image files, one implementation for every stage: training validation,
+export checks, ``verify``, ``index build/add`` and ``search`` all call :func:`embed_paths`.
+
+The caller supplies ``embed_batch``: a function from a preprocessed float32 batch
+(B x 3 x S x S) to raw embeddings (B x D, numpy or torch). Flip test-time augmentation is
+``e(x) + e(mirror(x))``; returned rows are L2-normalised float32, so cosine similarity is a dot
+product.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import BadImageError, FacefuseError
+from .images import open_rgb
+
+MAX_LISTED = 5  # bad images named in one error message
+IN_PROCESS_BELOW = 64  # fewer images are decoded in-process: starting workers would cost more
+
+
+def l2_normalize(x) -> np.ndarray:
+    """Rows scaled to unit L2 norm: a new float32 array, zero rows stay zero."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array of vectors, got shape {x.shape}")
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, n, out=x, where=n > 0)
+    return x
+
+
+def embed_batch_tta(embed_batch: Callable, x: torch.Tensor, flip_tta: bool) -> np.ndarray:
+    """Raw float32 embeddings of a batch, with ``e(x) + e(mirror(x))`` when ``flip_tta``."""
+    e = _numpy(embed_batch(x))
+    if flip_tta:
+        e = e + _numpy(embed_batch(x.flip(-1)))
+    return e
+
+
+def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, batch_size: int = 64,
+                num_workers: int | None = None, flip_tta: bool = False, skip_missing: bool = False,
+                where: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Embed image files; decoding runs in ``num_workers`` DataLoader workers.
+
+    Returns ``(embeddings N x dim float32 L2-normalised, ok N bool)``; rows of failed images are zero.
+    A missing or undecodable image raises :class:`FacefuseError` listing the first few (with
+    ``where[path]``, e.g. ``"pairs.txt:17"``, when given) unless ``skip_missing``. Missing files are
+    found before any decoding starts, so that error comes at once.
+    """
+    paths = [Path(p) for p in paths]
+    errors = {i: f"{p}: {'is a folder, not an image' if p.is_dir() else 'no such file'}"
+              for i, p in enumerate(paths) if not p.is_file()}
+    if errors and not skip_missing:
+        raise FacefuseError(_listing(errors, paths, where, "missing"))
+    todo = [i for i in range(len(paths)) if i not in errors]
+    rows: list[np.ndarray] = []
+    done: list[int] = []
+    if todo:
+        loader = DataLoader(_Images([paths[i] for i in todo], transform), batch_size=batch_size,
+                            num_workers=_workers(num_workers, len(todo)), collate_fn=_collate)
+        for idx, x, bad in loader:
+            errors.update((todo[j], msg) for j, msg in bad)
+            if errors and not skip_missing:
+                break  # fail early: no point embedding the rest
+            if x is not None:
+                rows.append(l2_normalize(embed_batch_tta(embed_batch, x, flip_tta)))
+                done += [todo[j] for j in idx]
+    if errors and not skip_missing:
+        raise FacefuseError(_listing(errors, paths, where, "unreadable"))
+    out = np.zeros((len(paths), dim), dtype=np.float32)
+    if rows:
+        out[done] = np.concatenate(rows)
+    ok = np.ones(len(paths), dtype=bool)
+    ok[list(errors)] = False
+    return out, ok
+
+
+def _numpy(e) -> np.ndarray:
+    if isinstance(e, torch.Tensor):
+        e = e.detach().float().cpu().numpy()
+    return np.asarray(e, dtype=np.float32)
+
+
+def _workers(num_workers: int | None, n: int) -> int:
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1)
+    return 0 if n < IN_PROCESS_BELOW else num_workers
+
+
+def _listing(errors: dict, paths, where, kind: str) -> str:
+    first = sorted(errors)[:MAX_LISTED]
+    items = [errors[i] + (f" ({(where or {}).get(paths[i])})" if (where or {}).get(paths[i]) else "") for i in first]
+    more = f" and {len(errors) - len(first)} more" if len(errors) > len(first) else ""
+    return (f"{len(errors)} {kind} image(s): " + "; ".join(items) + more
+            + " (pass --skip-missing to go on without them)")
+
+
+class _Images(Dataset):
+    """(index, tensor or None, error message or None) per path: a bad image never stops a worker."""
+
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(open_rgb(self.paths[i])), None
+        except BadImageError as exc:
+            return i, None, str(exc)
+
+
+def _collate(items):
+    good = [(i, x) for i, x, err in items if err is None]
+    bad = [(i, err) for i, _, err in items if err is not None]
+    x = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], x, bad

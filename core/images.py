@@ -1,0 +1,70 @@
+"""Image files: which names are images, and decoding any of them (JPEG, PNG, PGM, GIF, 16-bit,
+palette, RGBA, ...) to RGB, with one clear error per bad file. Also the evaluation transform
+(resize the short side, centre crop, normalise) that training validation, export checks and the
+embedders share, so an image is fed the same way everywhere."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from .errors import BadImageError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
+IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
+
+
+def is_image(path: Path) -> bool:
+    """An existing file with an image extension (hidden files are not images)."""
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode an image fully and return it as RGB (grey, palette, 16-bit and RGBA are converted).
+
+    Raises :class:`BadImageError` naming the file for a missing, truncated, corrupt or
+    implausibly large image (a header claiming more pixels than PIL's decompression-bomb limit)."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return _to_rgb(im)
+    except FileNotFoundError:
+        raise BadImageError(path, "no such file") from None
+    except IsADirectoryError:
+        raise BadImageError(path, "is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(path, f"too many pixels for a face image ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I", "F"):
+        im = im.point(lambda v: v / 256).convert("L")  # 16-bit / float grey to 8-bit
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (0, 0, 0))
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+def eval_transform(image_size: int, mean, std) -> v2.Compose:
+    """PIL image -> normalised float tensor 3 x S x S: resize the short side, centre crop."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(image_size, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])
