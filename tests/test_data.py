@@ -9,7 +9,6 @@ from facefuse.trainer.config import AugmentConfig
 from facefuse.trainer.data import (FaceDataset, eval_transform, open_rgb, read_identity_list, scan_identities,
                           split_holdout, verify_images)
 from facefuse.core.errors import BadImageError, FacefuseError
-from facefuse.trainer.sampler import PKBatchSampler, RandomBatchSampler
 
 
 @pytest.mark.parametrize("mode,ext", [("RGB", ".jpg"), ("L", ".pgm"), ("P", ".gif"), ("RGBA", ".png"),
@@ -134,34 +133,6 @@ def test_batch_mixer_recovers_two_labels(mix):
     assert torch.equal(ya, y) and torch.equal(yb, y.roll(1)) and 0 <= lam <= 1
     if "cutmix" not in mix:  # mixup: exact convex combination of the rolled batch
         torch.testing.assert_close(xm, lam * x + (1 - lam) * x.roll(1, 0))
-
-
-def test_random_sampler_ranks_partition_global_batch():
-    labels = list(range(50))
-    one = RandomBatchSampler(labels, 8, seed=1)
-    ranks = [RandomBatchSampler(labels, 8, seed=1, rank=r, world_size=2) for r in range(2)]
-    for s in (one, *ranks):
-        s.set_epoch(2)
-    batches = list(one)
-    assert len(batches) == 6
-    for b, (r0, r1) in enumerate(zip(*ranks)):
-        assert r0 + r1 == batches[b]
-    one.set_epoch(2, skip_batches=4)
-    assert list(one) == batches[4:]
-    one.set_epoch(3)
-    assert list(one) != batches
-
-
-def test_pk_sampler():
-    labels = [i // 5 for i in range(60)]  # 12 identities x 5
-    s = PKBatchSampler(labels, 4, 3, seed=0)
-    s.set_epoch(0)
-    for batch in s:
-        ids = [labels[i] for i, _ in batch]
-        assert len(ids) == 12 and len(set(ids)) == 4 and all(ids.count(y) == 3 for y in set(ids))
-        assert len({i for i, _ in batch}) == 12
-    with pytest.raises(ValueError, match="needs >= 20 identities"):
-        PKBatchSampler(labels, 20, 2)
 
 
 def test_dataset_returns_tensor_label(faces):
