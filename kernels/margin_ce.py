@@ -3,28 +3,23 @@ r"""Fused combined-margin softmax cross-entropy (cut-cross-entropy style) and it
 Math (both functions implement exactly this)::
 
     xh_i = x_i / max(||x_i||, 1e-12),  wh_j = w_j / max(||w_j||, 1e-12)      (F.normalize)
-    cos_ij = xh_i . wh_j
-    y = labels[i];  c = clamp(cos_iy, -1 + 1e-7, 1 - 1e-7)  (target logit only);  theta = arccos(c)
-    theta* = (pi - m2) / m1
-    phi = cos(m1*theta + m2) - m3                 if theta <= theta*
-        = cos(theta) - cos(theta*) - 1 - m3       otherwise ("theta + m > pi": continuous at theta*,
-                                                  monotone decreasing; m1=1: cos(theta) + cos(m2) - 1)
-    z_ij = s*cos_ij (j != y),  z_iy = s*phi
+    cos_ij = xh_i . wh_j,  y = labels[i]
+    phi_i = target_logit(cos_iy; m1, m2, m3, easy_margin)     (kernels/margin.py: the clamp, the
+            combined margin, its continuation past theta* = (pi - m2)/m1 and easy_margin are
+            written there, once, with dphi/dc = target_slope(...))
+    z_ij = s*cos_ij (j != y),  z_iy = s*phi_i
     loss_i = lse_i - (1 - eps_ls) z_iy - (eps_ls / C) sum_j z_ij,   lse_i = log sum_j exp(z_ij)
     loss = mean_i loss_i;  preds_i = argmax_j cos_ij (no margin)
 
 Gradient (what the fused backward computes; the reference gets it from autograd)::
 
     dL/dz_ij   = g_i (p_ij - (1 - eps_ls)[j = y] - eps_ls / C),   p = softmax(z_i),  g_i = 1/B
-    dz/dcos    = s (j != y);  s * dphi/dc for j = y, with
-    dphi/dc    = m1 sin(m1*theta + m2) / sin(theta)   (main branch; sin(theta) >= sqrt(1-(1-1e-7)^2))
-               = 1                                    (fallback branch)
-               = 0 when cos_iy is outside the clamp range (autograd through clamp)
+    dz/dcos    = s (j != y);  s * dphi/dc for j = y  (kernels/margin.py: target_slope)
     dx_i = (G_i - xh_i (xh_i . G_i)) / max(||x_i||, 1e-12),   G_i = sum_j dcos_ij wh_j
     dw_j = (H_j - wh_j (wh_j . H_j)) / max(||w_j||, 1e-12),   H_j = sum_i dcos_ij xh_i
     (no projection term when the norm is below 1e-12, as for F.normalize), and xh_i . G_i =
     sum_j dcos_ij cos_ij, wh_j . H_j = sum_i dcos_ij cos_ij: the projections need only O(B), O(C) sums.
-    Special cases: NormFace (1, 0, 0), ArcFace (1, m, 0), CosFace (1, 0, m), SphereFace (m, 0, 0).
+    Named settings (NormFace, ArcFace, CosFace, SphereFace): kernels/margin.py, MARGINS.
 
 Design of the fused path. The target logit is an O(B) quantity: the launcher gathers w_y and computes
 cos_iy, phi and dphi/dc on the host in float64 (so the margin branch and the clamp decisions are taken
@@ -64,9 +59,9 @@ from facefuse.kernels._common import (
     sm_count,
     split_range,
 )
+from facefuse.kernels.margin import target_logit, target_slope
 
 NORM_EPS = 1e-12  # F.normalize's eps
-CLAMP_EPS = 1e-7  # target cos is clamped to [-1 + CLAMP_EPS, 1 - CLAMP_EPS] before arccos
 _SPLIT_GRANULE = 64 if INTERPRETING else 256  # classes per split are a multiple of this
 _MAX_DX_SPLITS = 32  # bounds the splits x B x D fp32 partial buffer of the dx kernel
 
@@ -348,30 +343,25 @@ def _row_norms(a: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _target_terms(x, weight, labels, s, m1, m2, m3):
-    """Target logit ``s*phi`` and ``dphi/dcos`` per row (fp32, O(B)), computed in float64."""
+def _target_terms(x, weight, labels, s, m1, m2, m3, easy_margin):
+    """Target logit ``s*phi`` and ``dphi/dcos`` per row (fp32, O(B)), computed in float64 so that
+    the branch and clamp decisions are taken on exact values (kernels/margin.py)."""
     x64 = x.double()
     wy64 = weight.index_select(0, labels).double()
     nx = torch.linalg.vector_norm(x64, dim=1).clamp_min(NORM_EPS)
     nw = torch.linalg.vector_norm(wy64, dim=1).clamp_min(NORM_EPS)
     cos_t = (x64 * wy64).sum(dim=1) / (nx * nw)
-    inside = (cos_t >= -1.0 + CLAMP_EPS) & (cos_t <= 1.0 - CLAMP_EPS)  # clamp passes gradient here
-    c = cos_t.clamp(-1.0 + CLAMP_EPS, 1.0 - CLAMP_EPS)
-    theta = torch.acos(c)
-    th_star = (math.pi - m2) / m1
-    main = theta <= th_star
-    phi = torch.where(main, torch.cos(m1 * theta + m2) - m3, c - math.cos(th_star) - 1.0 - m3)
-    slope = torch.where(main, m1 * torch.sin(m1 * theta + m2) / torch.sin(theta), torch.ones_like(c))
-    slope = torch.where(inside, slope, torch.zeros_like(c))
+    phi = target_logit(cos_t, m1, m2, m3, easy_margin)
+    slope = target_slope(cos_t, m1, m2, m3, easy_margin)
     return (s * phi).float(), slope.float()
 
 
-def _forward(x, weight, labels, s, m1, m2, m3, ls):
+def _forward(x, weight, labels, s, m1, m2, m3, easy_margin, ls):
     B, D = x.shape
     C = weight.shape[0]
     nx, nw = _row_norms(x), _row_norms(weight)
     inv_nx, inv_nw = 1.0 / nx.clamp_min(NORM_EPS), 1.0 / nw.clamp_min(NORM_EPS)
-    zt, dphi = _target_terms(x, weight, labels, s, m1, m2, m3)
+    zt, dphi = _target_terms(x, weight, labels, s, m1, m2, m3, easy_margin)
 
     n_splits, per_split = split_range(C, triton.cdiv(B, 64), 4 * sm_count(x.device), _SPLIT_GRANULE)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -425,8 +415,8 @@ def _backward(x, weight, labels, saved, g, s, ls, need_dx, need_dw):
 
 class _MarginCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, s, m1, m2, m3, ls):
-        per_row, preds, saved = _forward(x, weight, labels, s, m1, m2, m3, ls)
+    def forward(ctx, x, weight, labels, s, m1, m2, m3, easy_margin, ls):
+        per_row, preds, saved = _forward(x, weight, labels, s, m1, m2, m3, easy_margin, ls)
         ctx.save_for_backward(x, weight, labels, *saved)
         ctx.hyper = (s, ls)
         ctx.mark_non_differentiable(preds)
@@ -438,7 +428,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
     def backward(ctx, g_mean, g_row, _g_preds):
         x, weight, labels, *saved = ctx.saved_tensors
         if g_mean is None and g_row is None:
-            return (None,) * 8
+            return (None,) * 9
         B = x.shape[0]
         g = torch.zeros(B, device=x.device, dtype=torch.float32)
         if g_mean is not None:
@@ -447,7 +437,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
             g += g_row.float()
         s, ls = ctx.hyper
         dx, dw = _backward(x, weight, labels, saved, g, s, ls, *ctx.needs_input_grad[:2])
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,9 +482,10 @@ def _pack(mean, per_row, preds, return_per_row, return_preds):
     return mean, (per_row if return_per_row else None), (preds if return_preds else None)
 
 
-def margin_cross_entropy(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, label_smoothing=0.0,
-                         return_per_row=False, return_preds=False):
-    """Fused Triton combined-margin cross-entropy; see the module docstring for the exact math.
+def margin_cross_entropy(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=False,
+                         label_smoothing=0.0, return_per_row=False, return_preds=False):
+    """Fused Triton combined-margin cross-entropy; see the module docstring for the exact math and
+    kernels/margin.py for the target logit (``easy_margin``: insightface's ``cos > 0`` rule).
 
     ``x`` B x D and ``weight`` C x D (same float dtype and device, unit stride along D), ``labels``
     int64/int32 of shape B in [0, C). Returns the mean loss (fp32 scalar), or with ``return_per_row``
@@ -512,12 +503,13 @@ def margin_cross_entropy(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, l
             raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), got strides {t.stride()}")
     _check_label_range(labels, weight)
     mean, per_row, preds = _MarginCrossEntropy.apply(
-        x, weight, labels.long().contiguous(), float(s), float(m1), float(m2), float(m3), float(label_smoothing))
+        x, weight, labels.long().contiguous(), float(s), float(m1), float(m2), float(m3), bool(easy_margin),
+        float(label_smoothing))
     return _pack(mean, per_row, preds, return_per_row, return_preds)
 
 
-def margin_cross_entropy_reference(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, label_smoothing=0.0,
-                                   return_per_row=False, return_preds=False):
+def margin_cross_entropy_reference(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=False,
+                                   label_smoothing=0.0, return_per_row=False, return_preds=False):
     """Pure-PyTorch combined-margin cross-entropy (plain autograd), the oracle of the fused kernel.
 
     Same signature and returns as :func:`margin_cross_entropy`; computes in
@@ -530,12 +522,7 @@ def margin_cross_entropy_reference(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5,
     labels = labels.long()
     C = weight.shape[0]
     cos = F.linear(F.normalize(x.to(dt), dim=1), F.normalize(weight.to(dt), dim=1))
-    cos_t = cos.gather(1, labels[:, None]).squeeze(1)
-    c = cos_t.clamp(-1.0 + CLAMP_EPS, 1.0 - CLAMP_EPS)
-    theta = torch.acos(c)
-    th_star = (math.pi - m2) / m1
-    phi = torch.where(theta <= th_star, torch.cos(m1 * theta + m2) - m3,
-                      torch.cos(theta) - math.cos(th_star) - 1.0 - m3)
+    phi = target_logit(cos.gather(1, labels[:, None]).squeeze(1), m1, m2, m3, easy_margin)
     is_target = torch.arange(C, device=labels.device)[None, :] == labels[:, None]
     z = s * torch.where(is_target, phi[:, None], cos)
     per_row = (torch.logsumexp(z, dim=1) - (1.0 - label_smoothing) * s * phi

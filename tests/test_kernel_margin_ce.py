@@ -92,6 +92,24 @@ def test_fused_matches_reference_every_margin(device, margin):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("margin", ["arcface", "cosface", "sphereface4", "combined"])
+def test_fused_easy_margin_matches_reference(device, margin):
+    """insightface's easy_margin rule (margin only where cos > 0) through the fused kernel: the
+    target terms change on the host, the kernels do not; rows with cos <= 0 lose their margin."""
+    m1, m2, m3 = MARGINS[margin]
+    x, w, y = make_inputs(11, 17, 37, torch.float32, seed=40 + list(MARGINS).index(margin), device=device)
+    cos_t = (F.normalize(x.double(), dim=1) * F.normalize(w.double(), dim=1)[y]).sum(1).cpu()
+    assert (cos_t <= 0).any() and (cos_t > 0).any()
+    kw = dict(s=64.0, m1=m1, m2=m2, m3=m3, label_smoothing=0.1)
+    out = run_both(x, w, y, easy_margin=True, **kw)
+    assert_matches(*out, 2e-4, 1e-4, torch.float32)
+    hard = margin_cross_entropy_reference(x.double(), w.double(), y, **kw, return_per_row=True)[1].cpu()
+    easy = out[2][1].detach().cpu()
+    assert torch.equal(easy[cos_t > 0], hard[cos_t > 0])
+    assert (easy[cos_t <= 0] < hard[cos_t <= 0]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,loss_atol,grad_tol", DTYPES)
 @pytest.mark.parametrize("B,D,C", [(1, 3, 5), (7, 17, 37), (33, 64, 130)])
 def test_fused_matches_reference_shapes_dtypes(device, B, D, C, dtype, loss_atol, grad_tol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,7 +10,16 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from facefuse.trainer.losses import PAIR_LOSSES, PairIndices, TripletIndices, build_pair_loss
+from facefuse.core.registry import UnknownNameError
+from facefuse.trainer.losses import (
+    MINERS,
+    PAIR_LOSSES,
+    PairIndices,
+    PairLoss,
+    TripletIndices,
+    build_pair_loss,
+    pair_loss_settings,
+)
 from facefuse.trainer.losses.miners import all_pairs, batch_hard_triplets, semi_hard_triplets
 from facefuse.trainer.losses.pair import CenterLoss, CircleLoss, circle_loss_from_similarity, cosine_similarity_matrix
 
@@ -217,7 +227,7 @@ def test_circle_detached_weights_give_the_papers_gradient():
 def test_center_loss_value_and_center_gradients(batch, dim, classes):
     emb, labels = make_batch(batch, dim, classes, seed=batch + 2)
     loss_fn = build_pair_loss("center", dim, classes, lr=0.3).double()
-    assert loss_fn.lr == 0.3 and CenterLoss(classes, dim).lr is None
+    assert loss_fn.lr == 0.3 and CenterLoss(embedding_dim=dim, num_classes=classes).lr is None
     assert isinstance(loss_fn.centers, torch.nn.Parameter) and loss_fn.centers.shape == (classes, dim)
     x = emb.numpy() / np.linalg.norm(emb.numpy(), axis=1, keepdims=True)
     c = loss_fn.centers.detach().numpy()
@@ -235,9 +245,7 @@ def test_center_loss_value_and_center_gradients(batch, dim, classes):
 
 
 GRADCHECK_LOSSES = {
-    "triplet-batch_hard": ("triplet", {"margin": 0.6, "mining": "batch_hard"}),
-    "triplet-semi_hard": ("triplet", {"margin": 0.6, "mining": "semi_hard"}),
-    "triplet-all": ("triplet", {"margin": 0.6, "mining": "all"}),
+    **{f"triplet-{miner}": ("triplet", {"margin": 0.6, "mining": miner}) for miner in MINERS.names()},
     "npair": ("npair", {"temperature": 0.5}),
     "circle-full": ("circle", {"m": 0.25, "gamma": 8.0, "detach_weights": False}),
     "supcon": ("supcon", {"temperature": 0.5}),
@@ -256,7 +264,7 @@ def test_gradcheck_pair_losses(case):
 
 def test_gradcheck_center_loss():
     emb, labels = make_batch(6, 5, 3, seed=8)
-    loss_fn = CenterLoss(3, 5, dtype=torch.float64)
+    loss_fn = CenterLoss(embedding_dim=5, num_classes=3, dtype=torch.float64)
     centers = loss_fn.centers.detach().clone().requires_grad_(True)
 
     def loss(e, c):
@@ -267,8 +275,8 @@ def test_gradcheck_center_loss():
 
 NO_TUPLE_CASES = [
     (name, kwargs, labels_id)
-    for name, kwargs in [("triplet", {"mining": "batch_hard"}), ("triplet", {"mining": "semi_hard"}),
-                         ("triplet", {"mining": "all"}), ("npair", {}), ("circle", {}), ("supcon", {})]
+    for name, kwargs in [*(("triplet", {"mining": miner}) for miner in MINERS.names()),
+                         ("npair", {}), ("circle", {}), ("supcon", {})]
     for labels_id in ("distinct", "one-class")
     if not (name == "supcon" and labels_id == "one-class")  # one class: every other sample is a positive
 ]
@@ -303,7 +311,48 @@ def test_build_pair_loss_rejects_bad_parameters(name, kwargs, param):
 
 
 def test_unknown_pair_loss_lists_valid_names():
-    with pytest.raises(ValueError, match="triplet.*center.*npair.*circle.*supcon"):
+    with pytest.raises(UnknownNameError, match="unknown pair loss 'arcface'; valid: triplet, center, npair, circle, supcon"):
         build_pair_loss("arcface", 8, 5)
-    assert set(PAIR_LOSSES) == {"triplet", "center", "npair", "circle", "supcon"}
+    assert PAIR_LOSSES.names() == ["triplet", "center", "npair", "circle", "supcon"]
     assert isinstance(build_pair_loss("circle", 8, 5), CircleLoss)
+
+
+def test_unknown_setting_names_the_valid_ones():
+    with pytest.raises(ValueError) as info:
+        build_pair_loss("triplet", 8, 5, margin=0.1, temperature=0.1)
+    assert str(info.value) == "temperature: not a setting of the 'triplet' pair loss; valid: margin, mining"
+    with pytest.raises(UnknownNameError, match="mining: unknown miner 'hardest'; valid: batch_hard, semi_hard, all"):
+        build_pair_loss("triplet", 8, 5, mining="hardest")
+
+
+def test_declared_settings_and_their_defaults():
+    assert pair_loss_settings("triplet") == {"margin": 0.2, "mining": "batch_hard"}
+    assert pair_loss_settings("circle") == {"m": 0.25, "gamma": 256.0, "detach_weights": True}
+    assert pair_loss_settings("supcon") == {"temperature": 0.1}
+    assert pair_loss_settings("npair") == {"temperature": 0.1}
+    assert pair_loss_settings("center") == {"lr": None}
+    with pytest.raises(UnknownNameError, match="valid: triplet"):
+        pair_loss_settings("nope")
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES.names())
+def test_every_pair_loss_builds_from_its_declared_settings(name):
+    """Defaults and a round trip of every declared setting through build_pair_loss; one step runs."""
+    defaults = pair_loss_settings(name)
+    loss_fn = build_pair_loss(name, 5, 3)
+    assert isinstance(loss_fn, PairLoss) and isinstance(loss_fn, PAIR_LOSSES.get(name))
+    assert dataclasses.asdict(loss_fn.settings) == defaults
+    assert build_pair_loss(name, 5, 3, **defaults).settings == loss_fn.settings
+    for key, value in defaults.items():
+        assert f"{key}={value!r}" in repr(loss_fn)
+    emb, _ = make_batch(6, 5, 3, seed=8)
+    loss = loss_fn.double()(emb.requires_grad_(True), torch.tensor([0, 1, 0, 2, 1, 2]))
+    assert loss.shape == () and torch.isfinite(loss) and loss.requires_grad
+
+
+@pytest.mark.parametrize("miner", MINERS.names())
+def test_every_miner_returns_valid_triplets(miner):
+    emb, labels = make_batch(13, 7, 5, seed=6)
+    a, p, n = MINERS.get(miner)(1 - cosine_similarity_matrix(emb), labels, 0.3)
+    assert a.numel() > 0
+    assert (labels[a] == labels[p]).all() and (a != p).all() and (labels[a] != labels[n]).all()

@@ -1,22 +1,14 @@
-"""Classification heads: plain softmax and the additive/multiplicative angular margins.
+"""Classification heads: plain softmax, and one margin head whose margins are data.
 
-Every margin head is a normalised linear layer (:func:`trainer.ops.cosine_logits`), a margin
-applied to the target logit only, and a softmax cross-entropy, kept as separate pieces.  The
-variants differ only in :meth:`MarginHead.target_logit`.
+:class:`MarginHead` is a normalised linear layer (:func:`trainer.ops.cosine_logits`), the combined
+margin applied to the target logit only, and a scaled softmax cross-entropy, kept as separate
+pieces.  The margin is ``(m1, m2, m3, easy_margin)``; its formula, continuation past theta*,
+derivative, easy_margin rule and named settings are written once, in :mod:`kernels.margin`
+(:func:`~kernels.margin.target_logit`), which the fused kernel and its reference call as well.
+Gradients are exact: they flow through ``arccos`` (no straight-through trick, no ``no_grad``).
 
-The combined margin (insightface's ``m1, m2, m3``), with ``c = clamp(cos, -1+1e-7, 1-1e-7)``,
-``theta = arccos(c)`` and ``theta* = (pi - m2) / m1``::
-
-    phi(theta) = cos(m1*theta + m2) - m3                  if theta <= theta*
-               = cos(theta) - cos(theta*) - 1 - m3         otherwise
-
-Past ``theta*`` the angle ``m1*theta + m2`` would pass ``pi`` and ``cos`` would rise again
-(the "theta + m > pi" case); the second branch keeps ``phi`` continuous (both sides equal
-``-1 - m3`` at ``theta*``) and strictly decreasing on ``(0, pi)``.  Gradients are exact: they
-flow through ``arccos`` (``d theta / d c = -1 / sqrt(1 - c^2)``, finite thanks to the clamp),
-with no straight-through trick and no ``no_grad`` around the margin.  ArcFace is ``(1, m, 0)``,
-CosFace ``(1, 0, m)``, SphereFace ``(m, 0, 0)``, NormFace ``(1, 0, 0)``.  Logits are
-``s * cos`` for the other classes and ``s * phi`` for the target.
+ArcFace, CosFace, SphereFace and NormFace are registrations of the named settings of
+:data:`kernels.margin.MARGINS` (one ``margin`` each); ``combined`` takes ``m1, m2, m3`` directly.
 
 ``kernel_backend="triton"`` replaces the whole forward by one call of the fused kernel
 :func:`kernels.margin_ce.margin_cross_entropy`, which computes the same formula.
@@ -25,15 +17,17 @@ CosFace ``(1, 0, m)``, SphereFace ``(m, 0, 0)``, NormFace ``(1, 0, 0)``.  Logits
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facefuse.core.registry import Registry
+from facefuse.kernels.margin import MARGINS, check_margins, target_logit
 from facefuse.trainer.ops import check_backend, cosine_logits
 
-COS_EPS = 1e-7
+HEADS: Registry[type[nn.Module]] = Registry("classification head")
 
 
 class HeadOutput(NamedTuple):
@@ -41,15 +35,11 @@ class HeadOutput(NamedTuple):
     preds: torch.Tensor  # B int64: argmax of the logits without margin
 
 
-def _require(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{param} {message}")
-
-
 def _check_common(s: float | None, label_smoothing: float) -> None:
-    if s is not None:
-        _require(math.isfinite(s) and s > 0, "s", f"must be a finite number > 0, got {s}")
-    _require(0.0 <= label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {label_smoothing}")
+    if s is not None and not (math.isfinite(s) and s > 0):
+        raise ValueError(f"s must be a finite number > 0, got {s}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
 def _check_batch(emb: torch.Tensor, labels: torch.Tensor, embedding_dim: int) -> None:
@@ -64,24 +54,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def clamped_angle(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c, theta)``: the cosine clamped inside (-1, 1) and its angle ``arccos(c)``."""
-    c = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
-    return c, torch.acos(c)
-
-
-def combined_margin(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
-    """The combined-margin target logit ``phi`` (before scaling) of the module docstring."""
-    c, theta = clamped_angle(cos)
-    theta_star = (math.pi - m2) / m1
-    inside = torch.cos(m1 * theta + m2) - m3
-    beyond = c - math.cos(theta_star) - 1.0 - m3
-    return torch.where(theta <= theta_star, inside, beyond)
-
-
+@HEADS.register("softmax")
 class SoftmaxHead(nn.Module):
     """Linear layer with bias and softmax cross-entropy.  There is no fused kernel for it:
     ``kernel_backend`` is accepted for a uniform interface and both values run the same code."""
+
+    # the options of :func:`trainer.losses.build_head` this head takes (``s`` and ``margin`` it ignores)
+    options: ClassVar[frozenset[str]] = frozenset({"label_smoothing", "kernel_backend"})
 
     def __init__(
         self,
@@ -112,17 +91,21 @@ class SoftmaxHead(nn.Module):
 
 
 class MarginHead(nn.Module):
-    """Normalised linear layer + target-logit margin + scaled softmax cross-entropy.
+    """Normalised linear layer + combined margin ``(m1, m2, m3, easy_margin)`` on the target logit +
+    scaled softmax cross-entropy.  ``m1, m2, m3`` must lie in :data:`kernels.margin.COMBINED_RANGES`."""
 
-    Subclasses set :attr:`margins` ``(m1, m2, m3)`` (used by the fused kernel) and override
-    :meth:`target_logit`, which must equal :func:`combined_margin` with those margins.
-    """
+    options: ClassVar[frozenset[str]] = frozenset(
+        {"s", "m1", "m2", "m3", "easy_margin", "label_smoothing", "kernel_backend"})
 
     def __init__(
         self,
         embedding_dim: int,
         num_classes: int,
         *,
+        m1: float = 1.0,
+        m2: float = 0.0,
+        m3: float = 0.0,
+        easy_margin: bool = False,
         s: float = 64.0,
         label_smoothing: float = 0.0,
         kernel_backend: str = "torch",
@@ -130,7 +113,9 @@ class MarginHead(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self.m1, self.m2, self.m3 = check_margins(m1, m2, m3)
         _check_common(s, label_smoothing)
+        self.easy_margin = bool(easy_margin)
         self.embedding_dim, self.num_classes = embedding_dim, num_classes
         self.s, self.label_smoothing = float(s), label_smoothing
         self.kernel_backend = kernel_backend
@@ -147,10 +132,11 @@ class MarginHead(nn.Module):
 
     @property
     def margins(self) -> tuple[float, float, float]:
-        raise NotImplementedError
+        return (self.m1, self.m2, self.m3)
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``phi`` (before scaling) of :mod:`kernels.margin` for the target cosines."""
+        return target_logit(cos_target, self.m1, self.m2, self.m3, self.easy_margin)
 
     def logits(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s * logits with margin, cos without margin)``, both B x C in the compute dtype."""
@@ -163,106 +149,111 @@ class MarginHead(nn.Module):
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         _check_batch(emb, labels, self.embedding_dim)
         if self.kernel_backend == "triton":
-            from facefuse.kernels.margin_ce import margin_cross_entropy
-
-            m1, m2, m3 = self.margins
-            # under autocast the embeddings are bf16/fp16 and the master weights fp32: the kernel
-            # reads both in the embeddings' dtype and accumulates in fp32
-            loss, _, preds = margin_cross_entropy(
-                emb, self.weight.to(emb.dtype), labels, s=self.s, m1=m1, m2=m2, m3=m3,
-                label_smoothing=self.label_smoothing, return_preds=True,
-            )
-            return HeadOutput(loss, preds)
+            return self._fused_forward(emb, labels)
         logits, cos = self.logits(emb, labels)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return HeadOutput(loss, cos.detach().argmax(dim=1))
 
+    def _fused_forward(self, emb: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        from facefuse.kernels.margin_ce import margin_cross_entropy
+
+        # under autocast the embeddings are bf16/fp16 and the master weights fp32: the kernel
+        # reads both in the embeddings' dtype and accumulates in fp32
+        loss, _, preds = margin_cross_entropy(
+            emb, self.weight.to(emb.dtype), labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+            easy_margin=self.easy_margin, label_smoothing=self.label_smoothing, return_preds=True,
+        )
+        return HeadOutput(loss, preds)
+
     def extra_repr(self) -> str:
-        m1, m2, m3 = self.margins
-        return (f"{self.embedding_dim} -> {self.num_classes}, s={self.s}, margins=({m1}, {m2}, {m3}), "
-                f"label_smoothing={self.label_smoothing}, kernel_backend={self.kernel_backend!r}")
+        return (f"{self.embedding_dim} -> {self.num_classes}, s={self.s}, margins={self.margins}, "
+                f"easy_margin={self.easy_margin}, label_smoothing={self.label_smoothing}, "
+                f"kernel_backend={self.kernel_backend!r}")
 
 
-class NormFace(MarginHead):
-    """Normalised softmax: no margin, ``phi = cos``."""
+class NamedMarginHead(MarginHead):
+    """A :class:`MarginHead` at the named setting :attr:`setting` of :data:`kernels.margin.MARGINS`,
+    set by one ``margin`` (None: the setting's default).  Subclasses only name the setting."""
 
-    @property
-    def margins(self) -> tuple[float, float, float]:
-        return (1.0, 0.0, 0.0)
+    setting: ClassVar[str]
+    options: ClassVar[frozenset[str]] = frozenset(
+        {"s", "margin", "easy_margin", "label_smoothing", "kernel_backend"})
 
-    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        return clamped_angle(cos_target)[0]
-
-
-class ArcFace(MarginHead):
-    """Additive angular margin: ``phi = cos(theta + m)`` up to ``theta* = pi - m``."""
-
-    def __init__(self, embedding_dim: int, num_classes: int, *, margin: float = 0.5, **kwargs):
-        _require(0.0 <= margin < math.pi, "margin", f"(ArcFace) must be in [0, pi), got {margin}")
-        super().__init__(embedding_dim, num_classes, **kwargs)
-        self.margin = float(margin)
-
-    @property
-    def margins(self) -> tuple[float, float, float]:
-        return (1.0, self.margin, 0.0)
-
-    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        # Past theta* = pi - m: cos(theta) - cos(pi - m) - 1 = cos(theta) + cos(m) - 1.
-        c, theta = clamped_angle(cos_target)
-        beyond = c + math.cos(self.margin) - 1.0
-        return torch.where(theta <= math.pi - self.margin, torch.cos(theta + self.margin), beyond)
+    def __init__(self, embedding_dim: int, num_classes: int, *, margin: float | None = None, **kwargs):
+        named = MARGINS[self.setting]
+        m1, m2, m3 = named.margins(margin)
+        super().__init__(embedding_dim, num_classes, m1=m1, m2=m2, m3=m3, **kwargs)
+        self.margin = named.default if margin is None else float(margin)
 
 
-class CosFace(MarginHead):
-    """Additive cosine margin: ``phi = cos(theta) - m`` (never needs the second branch)."""
+@HEADS.register("normface")
+class NormFace(NamedMarginHead):
+    """Normalised softmax, ``phi = cos``: takes no margin."""
 
-    def __init__(self, embedding_dim: int, num_classes: int, *, margin: float = 0.35, **kwargs):
-        _require(0.0 <= margin < 1.0, "margin", f"(CosFace) must be in [0, 1), got {margin}")
-        super().__init__(embedding_dim, num_classes, **kwargs)
-        self.margin = float(margin)
-
-    @property
-    def margins(self) -> tuple[float, float, float]:
-        return (1.0, 0.0, self.margin)
-
-    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        return clamped_angle(cos_target)[0] - self.margin
+    setting = "normface"
+    options = NamedMarginHead.options - {"margin"}  # build_head ignores margin for it
 
 
-class SphereFace(MarginHead):
-    """Multiplicative angular margin: ``phi = cos(m * theta)`` up to ``theta* = pi / m``."""
+@HEADS.register("arcface")
+class ArcFace(NamedMarginHead):
+    """Additive angular margin ``cos(theta + m)``: ``(1, m, 0)``."""
 
-    def __init__(self, embedding_dim: int, num_classes: int, *, margin: float = 1.35, **kwargs):
-        _require(math.isfinite(margin) and margin >= 1.0, "margin", f"(SphereFace m1) must be >= 1, got {margin}")
-        super().__init__(embedding_dim, num_classes, **kwargs)
-        self.margin = float(margin)
-
-    @property
-    def margins(self) -> tuple[float, float, float]:
-        return (self.margin, 0.0, 0.0)
-
-    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        c, theta = clamped_angle(cos_target)
-        theta_star = math.pi / self.margin
-        beyond = c - math.cos(theta_star) - 1.0
-        return torch.where(theta <= theta_star, torch.cos(self.margin * theta), beyond)
+    setting = "arcface"
 
 
+@HEADS.register("cosface")
+class CosFace(NamedMarginHead):
+    """Additive cosine margin ``cos(theta) - m``: ``(1, 0, m)``."""
+
+    setting = "cosface"
+
+
+@HEADS.register("sphereface")
+class SphereFace(NamedMarginHead):
+    """Multiplicative angular margin ``cos(m * theta)``: ``(m, 0, 0)``."""
+
+    setting = "sphereface"
+
+
+@HEADS.register("combined")
 class CombinedMargin(MarginHead):
-    """insightface's combined margin ``cos(m1*theta + m2) - m3``; covers the three above."""
+    """insightface's combined margin ``cos(m1*theta + m2) - m3`` with ``m1, m2, m3`` set directly."""
 
-    def __init__(
-        self, embedding_dim: int, num_classes: int, *, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, **kwargs
-    ):
-        _require(math.isfinite(m1) and m1 >= 1.0, "m1", f"must be >= 1, got {m1}")
-        _require(0.0 <= m2 < math.pi, "m2", f"must be in [0, pi), got {m2}")
-        _require(0.0 <= m3 < 1.0, "m3", f"must be in [0, 1), got {m3}")
-        super().__init__(embedding_dim, num_classes, **kwargs)
-        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
 
-    @property
-    def margins(self) -> tuple[float, float, float]:
-        return (self.m1, self.m2, self.m3)
+_NEUTRAL_MARGINS = {"m1": 1.0, "m2": 0.0, "m3": 0.0}
 
-    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        return combined_margin(cos_target, self.m1, self.m2, self.m3)
+
+def build_head(
+    name: str,
+    embedding_dim: int,
+    num_classes: int,
+    *,
+    s: float = 64.0,
+    margin: float | None = None,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    easy_margin: bool = False,
+    label_smoothing: float = 0.0,
+    kernel_backend: str = "torch",
+) -> nn.Module:
+    """The classification head ``name`` of :data:`HEADS`.
+
+    ``margin=None`` keeps the head's own default (arcface 0.5, cosface 0.35, sphereface 1.35);
+    softmax and normface ignore ``margin`` (softmax also ``s``).  ``m1, m2, m3`` are for
+    ``"combined"`` only: non-neutral values with another head, ``margin`` with ``"combined"``, or
+    ``easy_margin`` with ``"softmax"`` raise ``ValueError`` rather than being silently dropped.
+    Each head class lists the options it takes in ``options``.
+    """
+    cls = HEADS.get(name)
+    if margin is not None and {"m1", "m2", "m3"} <= cls.options:
+        raise ValueError(f"margin: the {name!r} head takes m1, m2, m3, not margin")
+    given_margins = {"m1": m1, "m2": m2, "m3": m3}
+    stray = [k for k, v in given_margins.items() if k not in cls.options and v != _NEUTRAL_MARGINS[k]]
+    if stray:
+        raise ValueError(f"{', '.join(stray)}: only the 'combined' head takes m1, m2, m3; use margin= for {name!r}")
+    if easy_margin and "easy_margin" not in cls.options:
+        raise ValueError(f"easy_margin: the {name!r} head has no margin")
+    given = dict(given_margins, s=s, margin=margin, easy_margin=easy_margin, label_smoothing=label_smoothing,
+                 kernel_backend=kernel_backend)
+    return cls(embedding_dim, num_classes, **{k: v for k, v in given.items() if k in cls.options and v is not None})

@@ -4,6 +4,9 @@ Miners see only labels and a detached distance matrix and return typed index tup
 losses gather their terms from the similarity matrix with them, so gradients never pass
 through the selection.  A positive of ``a`` is another sample with the same label, a
 negative one with a different label.
+
+The triplet miners are registered in :data:`MINERS` (``batch_hard``, ``semi_hard``, ``all``); each
+is ``miner(dist, labels, margin) -> TripletIndices``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from facefuse.core.registry import Registry
+
+MINERS = Registry("miner")
 
 
 class TripletIndices(NamedTuple):
@@ -50,14 +57,7 @@ def all_pairs(labels: torch.Tensor) -> PairIndices:
     return PairIndices(a1, p, a2, n)
 
 
-@torch.no_grad()
-def all_triplets(dist: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> TripletIndices:
-    """Every valid triplet (``margin`` unused).  Builds a B x B x B mask: for small batches."""
-    pos, neg = label_masks(labels)
-    a, p, n = (pos.unsqueeze(2) & neg.unsqueeze(1)).nonzero(as_tuple=True)
-    return TripletIndices(a, p, n)
-
-
+@MINERS.register("batch_hard")
 @torch.no_grad()
 def batch_hard_triplets(dist: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> TripletIndices:
     """Per anchor, its farthest positive and nearest negative (Hermans et al. 2017).
@@ -71,6 +71,7 @@ def batch_hard_triplets(dist: torch.Tensor, labels: torch.Tensor, margin: float 
     return TripletIndices(anchor, hardest_pos[anchor], hardest_neg[anchor])
 
 
+@MINERS.register("semi_hard")
 @torch.no_grad()
 def semi_hard_triplets(dist: torch.Tensor, labels: torch.Tensor, margin: float) -> TripletIndices:
     """One negative per positive pair ``(a, p)``, FaceNet's semi-hard rule made deterministic.
@@ -98,6 +99,15 @@ def semi_hard_triplets(dist: torch.Tensor, labels: torch.Tensor, margin: float) 
     return TripletIndices(a[keep], p[keep], negative[keep])
 
 
+@MINERS.register("all")
+@torch.no_grad()
+def all_triplets(dist: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> TripletIndices:
+    """Every valid triplet (``margin`` unused).  Builds a B x B x B mask: for small batches."""
+    pos, neg = label_masks(labels)
+    a, p, n = (pos.unsqueeze(2) & neg.unsqueeze(1)).nonzero(as_tuple=True)
+    return TripletIndices(a, p, n)
+
+
 def npair_indices(labels: torch.Tensor) -> AnchorPositiveIndices:
     """For each class with two or more samples, its first two samples in batch order
     (anchor, positive), classes in increasing label order; other samples are unused."""
@@ -105,10 +115,3 @@ def npair_indices(labels: torch.Tensor) -> AnchorPositiveIndices:
     _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
     starts = (torch.cumsum(counts, dim=0) - counts)[counts >= 2]
     return AnchorPositiveIndices(order[starts], order[starts + 1])
-
-
-TRIPLET_MINERS = {
-    "batch_hard": batch_hard_triplets,
-    "semi_hard": semi_hard_triplets,
-    "all": all_triplets,
-}

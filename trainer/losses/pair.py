@@ -4,17 +4,27 @@ Each loss normalises the embeddings, builds the explicit cosine similarity matri
 (:func:`cosine_similarity_matrix`), asks a miner (:mod:`trainer.losses.miners`) for index
 tuples and gathers its terms from the matrix.  A batch with no usable tuple (for example all
 labels distinct) gives ``emb.sum() * 0``: a zero that keeps the autograd graph.
+
+Every loss is registered in :data:`PAIR_LOSSES` and declares its settings, with their defaults and
+checks, in a frozen dataclass ``Settings`` nested in its class; :func:`build_pair_loss` takes them
+as one mapping and :func:`pair_loss_settings` lists the defaults.  Adding a pair loss is one class
+here (its ``Settings`` and its registration line).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facefuse.trainer.losses.miners import TRIPLET_MINERS, all_pairs, npair_indices
+from facefuse.core.registry import Registry, UnknownNameError
+from facefuse.trainer.losses.miners import MINERS, all_pairs, npair_indices
+
+PAIR_LOSSES: Registry[type["PairLoss"]] = Registry("pair loss")
 
 
 def _require(ok: bool, param: str, message: str) -> None:
@@ -44,34 +54,75 @@ def _no_tuple(emb: torch.Tensor) -> torch.Tensor:
     return emb.sum() * 0
 
 
-class TripletLoss(nn.Module):
-    """``mean relu(d(a,p) - d(a,n) + margin)`` over the mined triplets, ``d = 1 - cos``.
+class PairLoss(nn.Module):
+    """Base of the registered pair losses: ``loss(emb, labels) -> scalar``.
 
-    ``mining``: ``"batch_hard"`` (one triplet per anchor: farthest positive, nearest negative),
-    ``"semi_hard"`` (see :func:`~trainer.losses.miners.semi_hard_triplets` for the rule and its
-    fallback) or ``"all"`` (every valid triplet; B x B x B memory).
+    Constructed as ``Loss(embedding_dim=..., num_classes=..., **settings)`` (the sizes are there for
+    the losses that own parameters, such as the centre loss); ``settings`` must be fields of the
+    subclass's frozen dataclass ``Settings`` and are kept, checked, in :attr:`settings`.
     """
 
-    def __init__(self, margin: float = 0.2, mining: str = "batch_hard"):
+    Settings: ClassVar[type]
+
+    def __init__(self, *, embedding_dim: int, num_classes: int, **settings):
         super().__init__()
-        _require(math.isfinite(margin) and margin >= 0, "margin", f"(triplet) must be >= 0, got {margin}")
-        if mining not in TRIPLET_MINERS:
-            raise ValueError(f"mining: unknown {mining!r}; valid: {', '.join(TRIPLET_MINERS)}")
-        self.margin, self.mining = float(margin), mining
+        self.embedding_dim, self.num_classes = embedding_dim, num_classes
+        self.settings = self.Settings(**settings)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.settings).items())
+
+
+def pair_loss_settings(name: str) -> dict:
+    """The settings of the pair loss ``name`` and their defaults (for help texts and configs)."""
+    return asdict(PAIR_LOSSES.get(name).Settings())
+
+
+def build_pair_loss(name: str, embedding_dim: int, num_classes: int, **settings) -> PairLoss:
+    """The pair loss ``name`` with ``settings`` (a subset of :func:`pair_loss_settings`; the rest
+    keep their defaults).  A key that is not a setting of that loss raises ValueError naming the
+    valid ones; an unknown ``name`` raises :class:`~core.registry.UnknownNameError`."""
+    cls = PAIR_LOSSES.get(name)
+    valid = [f.name for f in fields(cls.Settings)]
+    for key in settings:
+        if key not in valid:
+            raise ValueError(f"{key}: not a setting of the {name!r} pair loss; valid: {', '.join(valid)}")
+    return cls(embedding_dim=embedding_dim, num_classes=num_classes, **settings)
+
+
+@PAIR_LOSSES.register("triplet")
+class TripletLoss(PairLoss):
+    """``mean relu(d(a,p) - d(a,n) + margin)`` over the mined triplets, ``d = 1 - cos``.
+
+    ``mining`` is a name of :data:`~trainer.losses.miners.MINERS`: ``"batch_hard"`` (one triplet
+    per anchor: farthest positive, nearest negative), ``"semi_hard"`` (see
+    :func:`~trainer.losses.miners.semi_hard_triplets` for the rule and its fallback) or ``"all"``
+    (every valid triplet; B x B x B memory).
+    """
+
+    @dataclass(frozen=True)
+    class Settings:
+        margin: float = 0.2
+        mining: str = "batch_hard"
+
+        def __post_init__(self):
+            _require(math.isfinite(self.margin) and self.margin >= 0, "margin",
+                     f"(triplet) must be >= 0, got {self.margin}")
+            if self.mining not in MINERS:
+                raise UnknownNameError(f"mining: {MINERS.unknown(self.mining)}")
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_batch(emb, labels)
+        margin = self.settings.margin
         dist = 1.0 - cosine_similarity_matrix(emb)
-        a, p, n = TRIPLET_MINERS[self.mining](dist.detach(), labels, self.margin)
+        a, p, n = MINERS.get(self.settings.mining)(dist.detach(), labels, margin)
         if a.numel() == 0:
             return _no_tuple(emb)
-        return F.relu(dist[a, p] - dist[a, n] + self.margin).mean()
-
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}, mining={self.mining!r}"
+        return F.relu(dist[a, p] - dist[a, n] + margin).mean()
 
 
-class CenterLoss(nn.Module):
+@PAIR_LOSSES.register("center")
+class CenterLoss(PairLoss):
     """``0.5 * mean_i ||f_i - c_{y_i}||^2`` (Wen et al. 2016) on L2-normalised features.
 
     Features are normalised so that the loss lives on the same scale as the margin heads'
@@ -83,21 +134,31 @@ class CenterLoss(nn.Module):
     off the sphere within a few steps (measured: loss ~100 instead of <= 2).
     """
 
+    @dataclass(frozen=True)
+    class Settings:
+        lr: float | None = None
+
+        def __post_init__(self):
+            lr = self.lr
+            _require(lr is None or (math.isfinite(lr) and lr > 0), "lr", f"(center loss) must be > 0, got {lr}")
+
     def __init__(
         self,
-        num_classes: int,
-        embedding_dim: int,
-        lr: float | None = None,
         *,
+        embedding_dim: int,
+        num_classes: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **settings,
     ):
-        super().__init__()
-        _require(lr is None or (math.isfinite(lr) and lr > 0), "lr", f"(center loss) must be > 0, got {lr}")
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.lr = None if lr is None else float(lr)
+        super().__init__(embedding_dim=embedding_dim, num_classes=num_classes, **settings)
         centers = torch.randn(num_classes, embedding_dim, device=device, dtype=dtype)
         self.centers = nn.Parameter(F.normalize(centers, dim=1))
+
+    @property
+    def lr(self) -> float | None:
+        """The centres' own lr, or None (read by :func:`trainer.optim.param_groups`)."""
+        return self.settings.lr
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_batch(emb, labels)
@@ -105,10 +166,15 @@ class CenterLoss(nn.Module):
         return 0.5 * diff.pow(2).sum(dim=1).mean()
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, lr={self.lr}"
+        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {super().extra_repr()}"
 
 
-class NPairLoss(nn.Module):
+def _check_temperature(t: float) -> None:
+    _require(math.isfinite(t) and t > 0, "temperature", f"must be > 0, got {t}")
+
+
+@PAIR_LOSSES.register("npair")
+class NPairLoss(PairLoss):
     """Multi-class N-pair loss (Sohn 2016) on cosine similarities divided by ``temperature``.
 
     One (anchor, positive) pair per class with two or more samples
@@ -119,10 +185,12 @@ class NPairLoss(nn.Module):
     logits span only [-1, 1], hence the temperature.  Fewer than two pairs: zero.
     """
 
-    def __init__(self, temperature: float = 0.1):
-        super().__init__()
-        _require(math.isfinite(temperature) and temperature > 0, "temperature", f"must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+    @dataclass(frozen=True)
+    class Settings:
+        temperature: float = 0.1
+
+        def __post_init__(self):
+            _check_temperature(self.temperature)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_batch(emb, labels)
@@ -130,15 +198,13 @@ class NPairLoss(nn.Module):
         if anchor.numel() < 2:
             return _no_tuple(emb)
         sim = cosine_similarity_matrix(emb)
-        logits = sim[anchor][:, positive] / self.temperature
+        logits = sim[anchor][:, positive] / self.settings.temperature
         target = torch.arange(anchor.numel(), device=logits.device)
         return F.cross_entropy(logits, target)
 
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
 
-
-class CircleLoss(nn.Module):
+@PAIR_LOSSES.register("circle")
+class CircleLoss(PairLoss):
     """Circle loss (Sun et al. 2020), pair-based form over all pairs of the batch.
 
     Per anchor with positives ``s_p`` and negatives ``s_n`` (cosine similarities)::
@@ -152,20 +218,23 @@ class CircleLoss(nn.Module):
     the full derivative.
     """
 
-    def __init__(self, m: float = 0.25, gamma: float = 256.0, detach_weights: bool = True):
-        super().__init__()
-        _require(0.0 <= m < 1.0, "m", f"(circle loss) must be in [0, 1), got {m}")
-        _require(math.isfinite(gamma) and gamma > 0, "gamma", f"(circle loss) must be > 0, got {gamma}")
-        self.m, self.gamma, self.detach_weights = float(m), float(gamma), detach_weights
+    @dataclass(frozen=True)
+    class Settings:
+        m: float = 0.25
+        gamma: float = 256.0
+        detach_weights: bool = True
+
+        def __post_init__(self):
+            _require(0.0 <= self.m < 1.0, "m", f"(circle loss) must be in [0, 1), got {self.m}")
+            _require(math.isfinite(self.gamma) and self.gamma > 0, "gamma",
+                     f"(circle loss) must be > 0, got {self.gamma}")
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_batch(emb, labels)
+        st = self.settings
         return circle_loss_from_similarity(
-            cosine_similarity_matrix(emb), labels, self.m, self.gamma, self.detach_weights, zero=_no_tuple(emb)
+            cosine_similarity_matrix(emb), labels, st.m, st.gamma, st.detach_weights, zero=_no_tuple(emb)
         )
-
-    def extra_repr(self) -> str:
-        return f"m={self.m}, gamma={self.gamma}, detach_weights={self.detach_weights}"
 
 
 def circle_loss_from_similarity(
@@ -197,17 +266,20 @@ def circle_loss_from_similarity(
     return F.softplus(per_anchor).mean()
 
 
-class SupConLoss(nn.Module):
+@PAIR_LOSSES.register("supcon")
+class SupConLoss(PairLoss):
     """Supervised contrastive loss (Khosla et al. 2020, the ``L_out`` form).
 
     ``L_i = -1/|P(i)| sum_{p in P(i)} log(exp(s_ip / T) / sum_{a != i} exp(s_ia / T))``,
     averaged over the anchors with at least one positive; the others are excluded.
     """
 
-    def __init__(self, temperature: float = 0.1):
-        super().__init__()
-        _require(math.isfinite(temperature) and temperature > 0, "temperature", f"must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+    @dataclass(frozen=True)
+    class Settings:
+        temperature: float = 0.1
+
+        def __post_init__(self):
+            _check_temperature(self.temperature)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_batch(emb, labels)
@@ -216,12 +288,9 @@ class SupConLoss(nn.Module):
             return _no_tuple(emb)
         sim = cosine_similarity_matrix(emb)
         eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
-        log_prob = F.log_softmax((sim / self.temperature).masked_fill(eye, float("-inf")), dim=1)
+        log_prob = F.log_softmax((sim / self.settings.temperature).masked_fill(eye, float("-inf")), dim=1)
         batch = sim.shape[0]
         total = log_prob.new_zeros(batch).index_add(0, a1, log_prob[a1, p])
         count = torch.bincount(a1, minlength=batch)
         has_pos = count > 0
         return -(total[has_pos] / count[has_pos]).mean()
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
