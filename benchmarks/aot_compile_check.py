@@ -1,67 +1,203 @@
-"""Compile every autotune config of the Triton kernels offline for sm_90 (H100/H200) and sm_89 (L40),
-with no GPU needed, and print shared memory, registers and spills per config.
+"""Compile every autotune config of the Triton kernels offline for sm_90 (H100/H200) and sm_89 (L40).
 
-    python benchmarks/aot_compile_check.py bf16 512 all     # dtype, D, which: all|fwd|dx|dw|conv
+No GPU is needed: Triton's own compiler builds each config of the margin cross-entropy kernels
+(forward, dx, dw) and the depthwise 7x7 convolution kernels (forward, weight gradient) for each
+target, and the cubin is read with the ``cuobjdump`` that ships with Triton
+(``triton/backends/nvidia/bin``). Per config and target it records the shared memory the kernel
+needs (and whether it fits the target's per-block limit), registers per thread, and spills (stack
+and local-memory bytes). A config that fails to compile there (too much shared memory, say) is a row
+with its error: the autotuner skips such configs on that GPU. The exit code is 1 when some kernel has
+no config that compiles and fits on some target (it could not run there), else 0.
+
+    python benchmarks/aot_compile_check.py                          # bf16, every kernel, both targets
+    python benchmarks/aot_compile_check.py --dtype fp32 --kernels fwd dx --arch 89
+    python benchmarks/aot_compile_check.py --kernels fwd \\
+        --config BLOCK_B=64,BLOCK_C=64,BLOCK_K=64,num_warps=4,num_stages=3   # try a candidate
+
+Writes benchmarks/results/aot_compile-<dtype>-<device>.json (the device is the machine that compiled;
+the target of each row is its ``arch``).
 """
-import os, sys, subprocess, tempfile, re
-os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-import facefuse.kernels.margin_ce as M
-import facefuse.kernels.dwconv as DW
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
-SMEM = {90: 227 * 1024, 89: 99 * 1024}
+from __future__ import annotations
 
-def resources(cubin):
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin); p = f.name
-    out = subprocess.run([f"{BIN}/cuobjdump", "--dump-resource-usage", p], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", out); stack = re.search(r"STACK:(\d+)", out); lmem = re.search(r"LOCAL:(\d+)", out)
-    return int(regs.group(1)), int(stack.group(1)), int(lmem.group(1))
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-def comp(jit, sig, consts, cfg, cc):
-    sig = dict(sig)
-    for k in consts: sig[k] = "constexpr"
-    for k in cfg.kwargs: sig[k] = "constexpr"
-    c = dict(consts); c.update(cfg.kwargs)
-    div16 = {"D", "B", "stride_xb", "stride_wc", "C_PER_SPLIT", "P_PER_SPLIT", "NHW"} | ({"C"} if "NHW" in sig else set())
-    attrs = {(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*") or n in div16}
-    src = ASTSource(jit, sig, constexprs=c, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    regs, stack, lmem = resources(k.asm["cubin"])
-    sh = k.metadata.shared
-    return f"smem {sh/1024:6.1f}KB {'OK ' if sh <= SMEM[cc] else 'TOO BIG'} regs {regs:3d} stack {stack} local {lmem}"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-def run(name, ak, sigf, consts):
-    cand = os.environ.get("CAND")
-    if cand:
-        ak.configs = [triton.Config(dict(BLOCK_B=t[0], BLOCK_C=t[1], BLOCK_K=t[2], **({'BLOCK_DO': t[3]} if len(t) > 5 else {})), num_warps=t[-2], num_stages=t[-1]) for t in eval(cand)]
-    for cc in (90, 89):
-        for cfg in ak.configs:
-            try:
-                r = comp(ak.fn, sigf, consts, cfg, cc)
-            except Exception as e:
-                r = f"FAIL {type(e).__name__}: {str(e)[:200]}"
-            print(f"{name} sm{cc} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: {r}", flush=True)
+from benchmarks.common import device_name, print_table, write_results  # noqa: E402
 
-dt = sys.argv[1] if len(sys.argv) > 1 else "bf16"
-prec = "tf32x3" if dt == "fp32" else None
-BD = int(sys.argv[2]) if len(sys.argv) > 2 else 512
-which = sys.argv[3] if len(sys.argv) > 3 else "all"
-P = f"*{dt}"
-if which in ("all", "fwd"):
-    run("fwd", M._margin_ce_fwd_kernel, dict(x_ptr=P, w_ptr=P, labels_ptr="*i64", inv_nx_ptr="*fp32", inv_nw_ptr="*fp32", zt_ptr="*fp32",
-        m_ptr="*fp32", l_ptr="*fp32", sz_ptr="*fp32", best_ptr="*fp32", arg_ptr="*i32", B="i32", C="i32", D="i32", C_PER_SPLIT="i32",
-        stride_xb="i32", stride_wc="i32", s="fp32"), dict(INTERP=False, DOT_PREC=prec))
-bw = dict(x_ptr=P, w_ptr=P, labels_ptr="*i64", nx_ptr="*fp32", lse_ptr="*fp32", zt_ptr="*fp32", dphi_ptr="*fp32", g_ptr="*fp32",
-          B="i32", C="i32", D="i32", stride_xb="i32", stride_wc="i32", s="fp32", ls="fp32", ls_c="fp32", eps="fp32")
-if which in ("all", "dx"):
-    run("dx", M._margin_ce_bwd_dx_kernel, dict(bw, inv_nw_ptr="*fp32", dx_ptr="*fp32", C_PER_SPLIT="i32"), dict(INTERP=False, DOT_PREC=prec))
-if which in ("all", "dw"):
-    run("dw", M._margin_ce_bwd_dw_kernel, dict(bw, nw_ptr="*fp32", dw_ptr=P), dict(INTERP=False, DOT_PREC=prec))
-if which in ("all", "conv"):
-    run("conv", DW._dwconv7x7_kernel, dict(x_ptr=P, w_ptr="*fp32", b_ptr="*fp32", y_ptr=P, NHW="i32", H="i32", W="i32", C="i32"), dict(HAS_BIAS=True))
-    run("convw", DW._dwconv7x7_bwd_w_kernel, dict(x_ptr=P, dy_ptr=P, dw_ptr="*fp32", db_ptr="*fp32", NHW="i32", H="i32", W="i32", C="i32", P_PER_SPLIT="i32"), dict(HAS_BIAS=True))
+SHARED_LIMIT = {90: 227 * 1024, 89: 99 * 1024}  # bytes of shared memory per block (opt-in maximum)
+ARCH_NAMES = {90: "sm_90 (H100/H200)", 89: "sm_89 (L40)"}
+# Triton specialises an integer argument that is a multiple of 16 at launch; the face shapes are (D 512, batch
+# 128/256, ConvNeXt channels 96-768), so compile with that hint, as the autotuner would see it.
+DIVISIBLE_BY_16 = {"D", "B", "stride_xb", "stride_wc", "C_PER_SPLIT", "P_PER_SPLIT", "NHW"}
+
+
+def margin_ce_kernels(ptr: str, prec: str | None) -> dict[str, tuple]:
+    """name -> (module, kernel attribute, signature, constexprs) of the margin cross-entropy kernels."""
+    consts = {"INTERP": False, "DOT_PREC": prec}
+    fwd = dict(x_ptr=ptr, w_ptr=ptr, labels_ptr="*i64", inv_nx_ptr="*fp32", inv_nw_ptr="*fp32", zt_ptr="*fp32",
+               m_ptr="*fp32", l_ptr="*fp32", sz_ptr="*fp32", best_ptr="*fp32", arg_ptr="*i32", B="i32", C="i32",
+               D="i32", C_PER_SPLIT="i32", stride_xb="i32", stride_wc="i32", s="fp32")
+    bwd = dict(x_ptr=ptr, w_ptr=ptr, labels_ptr="*i64", nx_ptr="*fp32", lse_ptr="*fp32", zt_ptr="*fp32",
+               dphi_ptr="*fp32", g_ptr="*fp32", B="i32", C="i32", D="i32", stride_xb="i32", stride_wc="i32",
+               s="fp32", ls="fp32", ls_c="fp32", eps="fp32")
+    dx = dict(bwd, inv_nw_ptr="*fp32", dx_ptr="*fp32", C_PER_SPLIT="i32")
+    dw = dict(bwd, nw_ptr="*fp32", dw_ptr=ptr)
+    return {"fwd": ("margin_ce", "_margin_ce_fwd_kernel", fwd, consts),
+            "dx": ("margin_ce", "_margin_ce_bwd_dx_kernel", dx, consts),
+            "dw": ("margin_ce", "_margin_ce_bwd_dw_kernel", dw, consts)}
+
+
+def dwconv_kernels(ptr: str) -> dict[str, tuple]:
+    """name -> (module, kernel attribute, signature, constexprs) of the depthwise 7x7 kernels."""
+    fwd = dict(x_ptr=ptr, w_ptr="*fp32", b_ptr="*fp32", y_ptr=ptr, NHW="i32", H="i32", W="i32", C="i32")
+    bwd_w = dict(x_ptr=ptr, dy_ptr=ptr, dw_ptr="*fp32", db_ptr="*fp32", NHW="i32", H="i32", W="i32", C="i32",
+                 P_PER_SPLIT="i32")
+    return {"conv": ("dwconv", "_dwconv7x7_kernel", fwd, {"HAS_BIAS": True}),
+            "convw": ("dwconv", "_dwconv7x7_bwd_w_kernel", bwd_w, {"HAS_BIAS": True})}
+
+
+KERNEL_NAMES = ("fwd", "dx", "dw", "conv", "convw")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="x and w operand dtype")
+    p.add_argument("--kernels", nargs="+", choices=KERNEL_NAMES, default=list(KERNEL_NAMES),
+                   help="fwd/dx/dw: margin cross-entropy; conv/convw: depthwise 7x7 forward / weight gradient")
+    p.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_LIMIT, reverse=True), default=[90, 89],
+                   help="compute capabilities to compile for")
+    p.add_argument("--config", action="append", default=[], metavar="K=V,...",
+                   help="compile this config instead of the kernel's autotune list (repeatable), e.g. "
+                        "BLOCK_B=64,BLOCK_C=64,BLOCK_K=64,num_warps=4,num_stages=3")
+    return p.parse_args(argv)
+
+
+def parse_config(text: str):
+    """``"BLOCK_B=64,...,num_warps=4,num_stages=3"`` -> ``triton.Config``."""
+    import triton
+
+    values = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+    warps, stages = values.pop("num_warps", 4), values.pop("num_stages", 3)
+    return triton.Config(values, num_warps=warps, num_stages=stages)
+
+
+def tool_dir() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers per thread, stack and local-memory bytes of a cubin, from ``cuobjdump``."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool_dir() / "cuobjdump"), "--dump-resource-usage", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+    fields = {"registers": "REG", "stack_bytes": "STACK", "local_bytes": "LOCAL"}
+    return {key: int(re.search(rf"{tag}:(\d+)", out).group(1)) for key, tag in fields.items()}
+
+
+def compile_config(kernel, signature: dict, constexprs: dict, config, arch: int):
+    """Compile one autotune config of ``kernel`` (a ``@triton.jit`` function) for ``sm_<arch>``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    meta = {**constexprs, **config.kwargs}
+    sig = {**signature, **{name: "constexpr" for name in meta}}
+    divisible = DIVISIBLE_BY_16 | ({"C"} if "NHW" in sig else set())  # dwconv: C is the channel count
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n, t in sig.items() if t.startswith("*") or n in divisible}
+    source = ASTSource(kernel, sig, constexprs=meta, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def check_config(name: str, kernel, signature, constexprs, config, arch: int) -> dict:
+    """One result row: the config, and its resources on ``arch`` or the compile error."""
+    row = {"kernel": name, "arch": f"sm_{arch}", "config": dict(config.kwargs), "num_warps": config.num_warps,
+           "num_stages": config.num_stages}
+    try:
+        compiled = compile_config(kernel, signature, constexprs, config, arch)
+    except Exception as exc:  # the row records why; configs that cannot build on a target are expected
+        return {**row, "compiled": False, "fits": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    shared = compiled.metadata.shared
+    return {**row, "compiled": True, "fits": shared <= SHARED_LIMIT[arch], "shared_kb": round(shared / 1024, 1),
+            "shared_limit_kb": SHARED_LIMIT[arch] // 1024, **cubin_resources(compiled.asm["cubin"])}
+
+
+def describe(row: dict) -> str:
+    head = f"{row['kernel']} {row['arch']} {row['config']} w{row['num_warps']} s{row['num_stages']}"
+    if not row["compiled"]:
+        return f"{head}: FAILED {row['error'][:160]}"
+    return (f"{head}: smem {row['shared_kb']} KB{'' if row['fits'] else ' TOO BIG'}, regs {row['registers']}, "
+            f"stack {row['stack_bytes']}, local {row['local_bytes']}")
+
+
+def kernel_specs(dtype: str) -> dict[str, tuple]:
+    ptr = f"*{dtype}"
+    return {**margin_ce_kernels(ptr, "tf32x3" if dtype == "fp32" else None), **dwconv_kernels(ptr)}
+
+
+def load_kernels():
+    """The kernel modules with their GPU autotune lists (chosen at import from TRITON_INTERPRET)."""
+    os.environ.pop("TRITON_INTERPRET", None)  # offline compilation, not the interpreter's single config
+    from facefuse.kernels import _common, dwconv, margin_ce
+
+    if _common.INTERPRETING:
+        raise RuntimeError("facefuse.kernels was imported with TRITON_INTERPRET set: run this script on its own")
+    return {"margin_ce": margin_ce, "dwconv": dwconv}
+
+
+def check_kernels(names: list[str], dtype: str, archs: list[int], candidates: list) -> list[dict]:
+    """One row per (kernel, target, config): the autotune list, or ``candidates`` when given."""
+    modules = load_kernels()
+    specs = kernel_specs(dtype)
+    rows = []
+    for name in names:
+        module, attr, signature, constexprs = specs[name]
+        autotuner = getattr(modules[module], attr)
+        for arch in archs:
+            for config in candidates or autotuner.configs:
+                rows.append(check_config(name, autotuner.fn, signature, constexprs, config, arch))
+                print(describe(rows[-1]), flush=True)
+    return rows
+
+
+def unrunnable(rows: list[dict]) -> list[tuple[str, str]]:
+    """(kernel, target) pairs where no config compiled and fit."""
+    return sorted({(r["kernel"], r["arch"]) for r in rows} - {(r["kernel"], r["arch"]) for r in rows if r["fits"]})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not (tool_dir() / "cuobjdump").is_file():
+        print(f"aot_compile_check: {tool_dir() / 'cuobjdump'} not found (it ships with triton's NVIDIA backend)")
+        return 2
+    candidates = [parse_config(c) for c in args.config]
+    rows = check_kernels(args.kernels, args.dtype, args.arch, candidates)
+    print_table(rows, ["kernel", "arch", "config", "num_warps", "num_stages", "shared_kb", "fits", "registers",
+                       "stack_bytes", "local_bytes"])
+    settings = dict(dtype=args.dtype, kernels=args.kernels, targets=[ARCH_NAMES[a] for a in args.arch],
+                    shared_limit_kb={f"sm_{a}": SHARED_LIMIT[a] // 1024 for a in args.arch},
+                    configs="given with --config" if candidates else "the kernels' autotune lists",
+                    tools="triton.compile (ASTSource, GPUTarget) and triton's cuobjdump --dump-resource-usage",
+                    divisibility="pointers and " + ", ".join(sorted(DIVISIBLE_BY_16)) + " divisible by 16")
+    path = write_results(f"aot_compile-{args.dtype}", device_name("cpu"), settings, rows)
+    print(f"wrote {path}")
+    for kernel, arch in unrunnable(rows):
+        print(f"aot_compile_check: no config of {kernel} compiles and fits on {arch}")
+    return 1 if unrunnable(rows) else 0
+
+if __name__ == "__main__":
+    sys.exit(main())

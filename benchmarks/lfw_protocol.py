@@ -4,7 +4,9 @@ Train only on the LFW identities that do not appear in fold k of ``pairs.txt`` (
 budget), then verify that fold's 600 pairs: accuracy with the threshold chosen by 10-way
 cross-validation inside the fold (as the LFW protocol does across folds), ROC AUC, EER and TAR at
 FAR 1e-2. Each run's row (config, figures, time) is merged into
-``benchmarks/results/lfw_protocol-<device>.json`` under its ``--name``.
+``benchmarks/results/lfw_protocol-<device>.json`` under its ``--name``, and the fold's 600 flip-TTA
+scores and pair labels into its sidecar ``lfw_protocol-<device>.scores.json`` (keyed by row name).
+Paths in the row are stored relative to ``<data>`` ($FACEFUSE_DATA) and ``<runs>`` (``--runs``).
 
     python benchmarks/lfw_protocol.py --fold 0 --minutes 30 --name arcface -- --loss arcface
     python benchmarks/lfw_protocol.py --fold 0 --minutes 30 --name softmax -- --loss softmax
@@ -26,7 +28,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR, device_name, device_slug, print_table, versions  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    device_name,
+    device_slug,
+    path_roots,
+    portable,
+    print_table,
+    read_sidecar,
+    results_doc,
+    sidecar_path,
+    versions,
+    write_json,
+)
 from facefuse.core.files import atomic_write_text  # noqa: E402
 from facefuse.core.paths import lfw_dir  # noqa: E402
 
@@ -67,17 +81,37 @@ def evaluate(run_dir: Path, pairs_file: Path, fold: int, device: str) -> dict:
     return out
 
 
-def merge_row(path: Path, row: dict, settings: dict) -> None:
-    """Replace the row of the same name; a lock file serialises runs that finish together."""
+SCORE_KEYS = ("flip_scores", "pair_labels")  # per-pair data: kept in the sidecar, not in the row
+
+
+def split_scores(row: dict) -> tuple[dict, dict]:
+    """``(row without the per-pair data, {"fold", "pair_labels", "flip_scores"} for the sidecar)``."""
+    main = {k: v for k, v in row.items() if k not in SCORE_KEYS}
+    scores = {"fold": row["fold"], "pair_labels": row.get("pair_labels"), "flip_scores": row.get("flip_scores")}
+    return main, scores
+
+
+def merge_row(path: Path, row: dict, settings: dict, roots: dict | None = None) -> None:
+    """Replace the row of the same name in the results file and its scores in the sidecar; a lock
+    file serialises runs that finish together. ``roots``: extra placeholders for paths in the row."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    row, scores = split_scores(row)
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        doc = json.loads(path.read_text()) if path.is_file() else {
-            "benchmark": "lfw_protocol", "device": row["device"], "versions": versions(), "settings": settings,
-            "results": []}
+        doc = json.loads(path.read_text()) if path.is_file() else results_doc("lfw_protocol", row["device"], {}, [])
         doc["results"] = [r for r in doc["results"] if r["name"] != row["name"]] + [row]
         doc["versions"] = versions()
-        atomic_write_text(path, json.dumps(doc, indent=2))
+        doc["settings"] = {**doc["settings"], **settings, "scores": sidecar_path(path).name}
+        rows = read_sidecar(path)
+        rows.pop(row["name"], None)
+        if scores.get("flip_scores"):
+            rows[row["name"]] = scores
+        side = {"benchmark": "lfw_protocol", "device": doc["device"],
+                "about": "per row: the fold's pair labels (1 = same person) and flip-TTA cosine scores, "
+                         "in pairs.txt order", "rows": rows}
+        write_json(sidecar_path(path), side, roots)  # first: a row never lacks its scores
+        write_json(path, doc, roots)
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -128,6 +162,8 @@ def main(argv=None):
                   "--exclude-identities", str(exclude), "--time-budget", str(args.minutes), "--no-progress", *extra]
     if "--epochs" not in extra:
         train_args += ["--epochs", "1000"]  # the budget decides; the schedule follows the budget
+    roots = {"<runs>": Path(args.runs).resolve()}
+    portable(train_args, path_roots(roots))  # a path the results file would refuse fails now, not after training
     print("facefuse", " ".join(train_args), flush=True)
     t0 = time.time()
     r = CliRunner().invoke(cli.main, train_args, catch_exceptions=False)
@@ -155,8 +191,9 @@ def main(argv=None):
         "flip_scores": metrics["scores"], "pair_labels": metrics["labels"],
     }
     path = Path(args.results) if args.results else RESULTS_DIR / f"lfw_protocol-{device_slug(dev)}.json"
-    merge_row(path, row, {"protocol": "LFW pairs.txt fold k, identity-disjoint training, 10-way CV inside the fold",
-                          "data": "shared/data/lfw/lfw-112"})
+    settings = {"protocol": "LFW pairs.txt fold k, identity-disjoint training, 10-way CV inside the fold",
+                "data": str(lfw / "lfw-112")}
+    merge_row(path, row, settings, roots)
     print_table([row], ["name", "backbone", "loss", "epochs_done", "train_seconds", "plain_kfold_accuracy",
                         "flip_kfold_accuracy", "flip_roc_auc", "flip_eer", "flip_tar_at_far_1e-2"])
     print(f"wrote {path}")

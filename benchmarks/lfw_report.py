@@ -1,7 +1,8 @@
 """Tables and plots of the LFW protocol results, from the committed JSON alone.
 
-Reads ``benchmarks/results/lfw_protocol-<device>.json`` (rows written by ``lfw_protocol.py``) and
-writes, for the rows of each table (a name prefix such as ``loss/``):
+Reads ``benchmarks/results/lfw_protocol-<device>.json`` (rows written by ``lfw_protocol.py``) and its
+sidecar ``lfw_protocol-<device>.scores.json`` (each row's 600 flip scores and pair labels), and
+writes (atomically), for the rows of each table (a name prefix such as ``loss/``):
 
 - ``<out>/<table>-curves.png``: training loss, training accuracy and held-out closed-set accuracy
   against training minutes;
@@ -24,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR  # noqa: E402
+from benchmarks.common import RESULTS_DIR, read_sidecar  # noqa: E402
 from facefuse.core.metrics import roc_curve  # noqa: E402
 from facefuse.core.files import atomic_path, atomic_write_text  # noqa: E402
 
@@ -57,7 +58,8 @@ def reference_rows(table: str, names: list[str]) -> dict[str, str]:
 
 def load_rows(path: Path, table: str, fold: int) -> list[dict]:
     doc = json.loads(path.read_text())
-    results = [r for r in doc["results"] if r["fold"] == fold]
+    scores = read_sidecar(path)  # flip_scores and pair_labels of each row, for the ROC
+    results = [{**r, **scores.get(r["name"], {})} for r in doc["results"] if r["fold"] == fold]
     rows = [r for r in results if r["name"].startswith(f"{table}/")]
     refs = reference_rows(table, [r["name"] for r in rows])
     budgets = {r.get("budget_minutes") for r in rows}

@@ -1,13 +1,17 @@
-"""The LFW benchmark scripts: fold identities, results merging, the suite's plan and the report."""
+"""The LFW benchmark scripts (fold identities, results merging, the suite's plan, the report), the
+shared results writer, and the committed results files."""
 
 import json
 import multiprocessing as mp
+import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from facefuse import cli
-from benchmarks import lfw_protocol, lfw_report, lfw_suite
+from benchmarks import common, lfw_protocol, lfw_report, lfw_suite
 from facefuse.core.metrics import roc_auc
 from facefuse.trainer.config import resolve_config
 from facefuse.trainer.losses import build_head
@@ -45,11 +49,40 @@ def test_merge_row_replaces_by_name_and_loses_nothing_when_runs_finish_together(
     lfw_protocol.merge_row(path, _row("a", auc=0.5), {"protocol": "x"})
     lfw_protocol.merge_row(path, _row("a", auc=0.7), {})
     doc = json.loads(path.read_text())
-    assert [r["flip_roc_auc"] for r in doc["results"]] == [0.7] and doc["settings"] == {"protocol": "x"}
+    assert [r["flip_roc_auc"] for r in doc["results"]] == [0.7]
+    assert doc["settings"] == {"protocol": "x", "scores": "r.scores.json"}
+    assert list(doc) == ["benchmark", "device", "versions", "settings", "results"]
     with mp.get_context("spawn").Pool(4) as pool:
         pool.map(_merge, [(path, f"row{i}") for i in range(12)])
     names = {r["name"] for r in json.loads(path.read_text())["results"]}
     assert names == {"a", *(f"row{i}" for i in range(12))}
+    assert set(common.read_sidecar(path)) == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r.json.lock", "r.json", "r.scores.json"]  # no temp left
+
+
+def test_merge_row_moves_the_per_pair_scores_to_the_sidecar(tmp_path):
+    path = tmp_path / "lfw_protocol-x.json"
+    row = _row("loss/a")
+    lfw_protocol.merge_row(path, row, {})
+    stored = json.loads(path.read_text())["results"][0]
+    assert "flip_scores" not in stored and "pair_labels" not in stored and stored["flip_roc_auc"] == 0.9
+    side = json.loads((tmp_path / "lfw_protocol-x.scores.json").read_text())
+    assert side["rows"]["loss/a"] == {"fold": 0, "pair_labels": row["pair_labels"], "flip_scores": row["flip_scores"]}
+    lfw_protocol.merge_row(path, {k: v for k, v in row.items() if k not in ("flip_scores", "pair_labels")}, {})
+    assert common.read_sidecar(path) == {}  # a rerun without scores leaves none of the old ones behind
+
+
+def test_merge_row_stores_run_paths_relative_to_their_roots(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEFUSE_DATA", str(tmp_path / "data"))
+    runs = tmp_path / "runs"
+    row = _row("loss/a", train_args=["--data", str(tmp_path / "data" / "lfw" / "lfw-112"),
+                                     "--out", str(runs / "fold0-loss" / "a" / "train"), "--lr", "3e-3"])
+    lfw_protocol.merge_row(tmp_path / "r.json", row, {"data": str(tmp_path / "data" / "lfw" / "lfw-112")},
+                           roots={"<runs>": runs})
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["results"][0]["train_args"] == ["--data", "<data>/lfw/lfw-112", "--out", "<runs>/fold0-loss/a/train",
+                                               "--lr", "3e-3"]
+    assert doc["settings"]["data"] == "<data>/lfw/lfw-112"
 
 
 def test_history_keeps_epoch_records_only(tmp_path):
@@ -89,13 +122,16 @@ def test_report_tables_and_plots(tmp_path):
     res = tmp_path / "r.json"
     rows = [_row("loss/arcface", 0.95), _row("loss/softmax", 0.93), _row("regulariser/arcface+ema", 0.96),
             _row("backbone/mobilenetv2-x0.5", 0.9), _row("loss/old", 0.99, budget=30.0, fold=1)]
-    res.write_text(json.dumps({"results": rows}))
+    for r in rows:
+        lfw_protocol.merge_row(res, r, {})
     loss = lfw_report.load_rows(res, "loss", 0)
     assert [r["name"] for r in loss] == ["loss/arcface", "loss/softmax"]  # by AUC, fold 0 only
+    assert loss[0]["flip_scores"] == rows[0]["flip_scores"]  # read back from the sidecar
     reg = [r["name"] for r in lfw_report.load_rows(res, "regulariser", 0)]
     assert reg == ["regulariser/arcface+ema", "regulariser/arcface (none)"]
-    bb = [r["name"] for r in lfw_report.load_rows(res, "backbone", 0)]
-    assert bb == ["backbone/resnet18-x0.25", "backbone/mobilenetv2-x0.5"]
+    bb = lfw_report.load_rows(res, "backbone", 0)
+    assert [r["name"] for r in bb] == ["backbone/resnet18-x0.25", "backbone/mobilenetv2-x0.5"]
+    assert bb[0]["pair_labels"] == rows[0]["pair_labels"]  # a reference row keeps its scores
     md = lfw_report.markdown(loss).splitlines()
     assert md[2].startswith("| arcface | 1,000 | 50 | 2 | 0.600 | 0.500 | 80.0% | 81.0% | 2.0% | 0.9500 |")
     out = tmp_path / "plots"
@@ -103,22 +139,89 @@ def test_report_tables_and_plots(tmp_path):
                      "--markdown", str(tmp_path / "t.md")])
     for f in ("loss-curves.png", "loss-roc.png", "backbone-roc.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == [  # written atomically: no temp file left
+        "backbone-curves.png", "backbone-roc.png", "loss-curves.png", "loss-roc.png"]
     assert "### backbone" in (tmp_path / "t.md").read_text()
 
 
 def test_stored_scores_reproduce_the_stored_auc():
-    """Every committed row's scores give back its AUC (the ROC plots are drawn from them)."""
+    """Every committed row's sidecar scores give back its AUC (the ROC plots are drawn from them)."""
     path = lfw_report.RESULTS_DIR / "lfw_protocol-cpu2.json"
-    rows = [r for r in json.loads(path.read_text())["results"] if r.get("flip_scores")]
+    rows = json.loads(path.read_text())["results"]
+    scores = common.read_sidecar(path)
+    assert all("flip_scores" not in r and "pair_labels" not in r for r in rows)  # the main file stays small
+    assert set(scores) == {r["name"] for r in rows if "config" in r}  # every row since scores were kept
     for r in rows:
-        assert len(r["flip_scores"]) == len(r["pair_labels"]) == 600
-        auc = roc_auc(np.asarray(r["flip_scores"]), np.asarray(r["pair_labels"], dtype=bool))
-        assert auc == pytest.approx(r["flip_roc_auc"], abs=1e-3), r["name"]
+        if r["name"] in scores:
+            s = scores[r["name"]]
+            assert s["fold"] == r["fold"] and len(s["flip_scores"]) == len(s["pair_labels"]) == 600
+            auc = roc_auc(np.asarray(s["flip_scores"]), np.asarray(s["pair_labels"], dtype=bool))
+            assert auc == pytest.approx(r["flip_roc_auc"], abs=1e-3), r["name"]
+
+
+COMMITTED = sorted(common.RESULTS_DIR.glob("*.json"))
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_results_hold_no_machine_path(path):
+    home = str(Path.home())
+    found = [s for s in _strings(json.loads(path.read_text()))
+             if s.startswith(("/", "\\", "~/")) or _DRIVE.match(s) or (len(home) > 1 and home in s)]
+    assert not found, f"{path.name}: absolute paths {sorted(set(found))[:5]}"
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_results_have_the_shared_shape(path):
+    doc = json.loads(path.read_text())
+    if path.name.endswith(common.SIDECAR_SUFFIX):
+        main = path.with_name(path.name.removesuffix(common.SIDECAR_SUFFIX) + ".json")
+        assert main.is_file() and set(doc) >= {"benchmark", "device", "rows"}
+    else:
+        assert list(doc) == ["benchmark", "device", "versions", "settings", "results"]
+        assert path.name.startswith(f"{doc['benchmark']}-") and isinstance(doc["results"], list)
+
+
+def test_writer_rewrites_paths_under_known_roots_and_refuses_others(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEFUSE_DATA", str(tmp_path / "data"))
+    doc = {"data": tmp_path / "data" / "lfw" / "pairs.txt", "run": str(tmp_path / "runs" / "a" / "train"),
+           "scratch": str(Path(tempfile.gettempdir()) / "x" / "y"), "code": str(common.REPO_ROOT / "configs"),
+           "relative": "runs/r18/model.onnx", "note": "~2 GB", "list": [str(tmp_path / "data")]}
+    path = common.write_json(tmp_path / "out" / "x-cpu2.json", doc, roots={"<runs>": tmp_path / "runs"})
+    assert json.loads(path.read_text()) == {
+        "data": "<data>/lfw/pairs.txt", "run": "<runs>/a/train", "scratch": "<tmp>/x/y", "code": "<repo>/configs",
+        "relative": "runs/r18/model.onnx", "note": "~2 GB", "list": ["<data>"]}
+    for bad in ("/elsewhere/model.onnx", "C:\\Users\\me\\lfw", "~/lfw", f"--data={Path.home()}/lfw"):
+        with pytest.raises(ValueError, match="absolute path"):
+            common.write_json(path, {"settings": {"model": bad}})
+    assert json.loads(path.read_text())["data"] == "<data>/lfw/pairs.txt"  # a refused write changes nothing
+    assert [p.name for p in path.parent.iterdir()] == ["x-cpu2.json"]
+
+
+def test_write_results_has_the_shared_shape_and_one_line_lists(tmp_path):
+    path = common.write_results("demo", "cpu (test)", {"sizes": [1, 2, 3]}, [{"ms": 1.5, "scores": [0.1] * 100}],
+                                out_dir=tmp_path)
+    assert path == tmp_path / f"demo-{common.device_slug('cpu (test)')}.json"
+    doc = json.loads(path.read_text())
+    assert list(doc) == ["benchmark", "device", "versions", "settings", "results"] and doc["results"][0]["ms"] == 1.5
+    assert '"scores": [0.1, 0.1,' in path.read_text()  # a list of plain values is one line
 
 
 # Fields that describe where and how a run was executed rather than the recipe.
 RUN_FIELDS = {"data": {"root", "exclude_identities", "val_pairs", "val_pairs_root", "val_pairs_fold",
-                       "val_pairs_disjoint", "num_workers"},
+                       "val_pairs_disjoint", "workers"},
               "top": {"out", "device", "time_budget", "threads", "checkpoint_minutes", "eval_every", "seed"},
               "optim": {"epochs"}}
 
@@ -132,6 +235,11 @@ def test_default_config_is_the_measured_recipe():
     measured, default = row["config"], TrainConfig().to_dict()
     for section, values in default.items():
         if isinstance(values, dict):
+            # Fails until the trainer's config carries the names the stored rows use (the rename
+            # of data.workers, model.kernels, loss.scale, loss.pair_loss, loss.pair_options, ...).
+            assert set(values) == set(measured[section]), (
+                f"{section}: keys only in the default {sorted(set(values) - set(measured[section]))}, "
+                f"only in the stored row {sorted(set(measured[section]) - set(values))}")
             for key, value in values.items():
                 if key not in RUN_FIELDS.get(section, ()):
                     got = measured[section][key]
