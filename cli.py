@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 
 import click
 
-from facefuse.trainer.config import ModelConfig
 from facefuse.core.errors import FacefuseError
 
 
@@ -38,103 +38,94 @@ def main(ctx, debug):
 
 # ---------------------------------------------------------------- training (trainer/)
 
-# option name -> dotted config key (None values are not overrides)
-TRAIN_OPTIONS = {
-    "data": "data.root", "out": "out", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
-    "backbone": "model.backbone", "loss": "loss.name", "image_size": "model.image_size",
-    "val_pairs": "data.val_pairs", "val_pairs_root": "data.val_pairs_root", "val_pairs_fold": "data.val_pairs_fold",
-    "val_pairs_disjoint": "data.val_pairs_disjoint",
-    "exclude_identities": "data.exclude_identities", "device": "device", "lr": "optim.lr",
-    "optimizer": "optim.optimizer", "weight_decay": "optim.weight_decay", "warmup": "optim.warmup_epochs",
-    "embedding_dim": "model.embedding_dim", "width": "model.width", "dropout": "model.dropout",
-    "drop_path": "model.drop_path", "neck": "model.neck", "margin": "loss.margin", "scale": "loss.s",
-    "label_smoothing": "loss.label_smoothing", "pair_loss": "loss.pair", "pair_weight": "loss.pair_weight",
-    "pair_margin": "loss.pair_margin", "mining": "loss.mining", "center_lr": "loss.center_lr",
-    "sampler": "data.sampler", "amp": "optim.amp", "ema": "optim.ema_decay", "grad_clip": "optim.grad_clip",
-    "kernels": "model.kernel_backend", "workers": "data.num_workers", "seed": "seed", "skip_bad": "data.skip_bad",
-    "init_from": "init_from", "time_budget": "time_budget", "mixup": "augment.mixup", "cutmix": "augment.cutmix",
-    "randaugment": "augment.randaugment", "color_jitter": "augment.color_jitter",
-    "random_erasing": "augment.random_erasing", "hflip": "augment.hflip", "vflip": "augment.vflip",
-    "perspective": "augment.perspective", "crop_scale": "augment.crop_scale", "min_images": "data.min_images",
-    "val_fraction": "data.val_fraction", "threads": "threads", "checkpoint_minutes": "checkpoint_minutes",
-}
+def _option_name(key: str, f) -> str:
+    """``optim.lr`` -> ``lr``: a setting's option is its own name (``data.root`` is ``--data`` and
+    ``loss.name`` is ``--loss``, as their metadata says)."""
+    return f.metadata.get("option", key.rsplit(".", 1)[-1]).replace("_", "-")
+
+
+def _choices_help(key: str) -> str:
+    """Valid names of the settings that live in registries (read from the registries)."""
+    if key not in ("model.backbone", "model.neck", "loss.name", "loss.pair_loss"):
+        return ""
+    from facefuse.trainer.backbones import BACKBONES
+    from facefuse.trainer.losses import HEADS, PAIR_LOSSES
+    from facefuse.trainer.model import NECKS
+
+    names = {"model.backbone": BACKBONES.names(), "model.neck": NECKS.names(),
+             "loss.name": HEADS.names() + PAIR_LOSSES.names(), "loss.pair_loss": PAIR_LOSSES.names()}[key]
+    return f" One of: {', '.join(names)}."
+
+
+def _setting_options(command):
+    """One option per scalar setting of :class:`TrainConfig`, named as the setting, with the
+    dataclass default in its help; lists and mappings are set with ``--set key=value``."""
+    from facefuse.trainer.config import default_of, leaf_fields
+
+    scalar = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: None}
+    seen: dict[str, str] = {}
+    for key, f, t in reversed(list(leaf_fields())):
+        base = next((a for a in typing.get_args(t) if a is not type(None)), t)
+        if base not in scalar:
+            continue
+        opt = _option_name(key, f)
+        assert opt not in seen, f"settings {key} and {seen[opt]} would share the option --{opt}"
+        seen[opt] = key
+        SETTING_OPTIONS[key.replace(".", "__")] = (key, f"--{opt}")
+        text = f"{f.metadata.get('help', '')}{_choices_help(key)} [{key}; default: {default_of(f)}]"
+        decls = [f"--{opt}/--no-{opt}"] if base is bool else [f"--{opt}"]
+        command = click.option(*decls, key.replace(".", "__"), type=scalar[base], default=None, help=text)(command)
+    return command
+
+
+SETTING_OPTIONS: dict[str, tuple[str, str]] = {}  # click parameter -> (setting, option as written)
+
+
+def train_overrides(options: dict, pk=None, settings=()) -> tuple[dict, dict]:
+    """``train``'s parsed options as ``({dotted setting: value}, {dotted setting: option as written})``:
+    setting options first, then ``--pk``, then ``--set`` items (the last one given wins)."""
+    from facefuse.trainer.config import parse_set
+
+    overrides, sources = {}, {}
+    for param, value in options.items():
+        if value is not None and param in SETTING_OPTIONS:
+            key, written = SETTING_OPTIONS[param]
+            overrides[key], sources[key] = value, written
+    for key, value in zip(("data.pk_identities", "data.pk_images"), pk or ()):
+        overrides[key], sources[key] = value, "--pk"
+    for key, value in parse_set(settings).items():
+        overrides[key], sources[key] = value, f"--set {key}"
+    return overrides, sources
 
 
 @main.command()
-@click.option("--data", type=click.Path(), help="Training images: one sub-folder per identity.")
-@click.option("--out", type=click.Path(), required=True, help="Run folder (config, checkpoints, metrics, summary).")
-@click.option("--config", "config_file", type=click.Path(), help="YAML/JSON config; options given here override it.")
+@click.option("--config", "config_files", type=click.Path(), multiple=True,
+              help="YAML/JSON config file(s), applied in order; options given here override them.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Any setting by its dotted name, e.g. --set optim.lr=3e-3 or --set loss.pair_options.margin=0.3.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its last checkpoint left it.")
-@click.option("--epochs", type=int, help="Training epochs.")
-@click.option("--batch-size", type=int, help="Global batch size (split over torchrun processes).")
-@click.option("--backbone", help="resnet18|resnet34|resnet50|convnext_t|convnext_nano|convnext_pico|convnext_atto|mobilenetv2.")
-@click.option("--loss", help="Classification head (softmax, normface, arcface, cosface, sphereface, combined) or a pair loss alone (triplet, supcon, ...).")
-@click.option("--image-size", type=int, help=f"Model input side in pixels (default {ModelConfig.image_size}).")
-@click.option("--val-pairs", type=click.Path(), help="Verification pairs for validation: LFW pairs.txt or `path_a path_b label` lines.")
-@click.option("--val-pairs-root", type=click.Path(), help="Folder the pairs' image paths are relative to.")
-@click.option("--val-pairs-fold", type=int, help="Use only this fold of an LFW pairs file.")
-@click.option("--val-pairs-disjoint", is_flag=True, default=None,
-              help="Leave the identities of the validation pairs out of training (open-set validation).")
-@click.option("--exclude-identities", type=click.Path(), help="File of identity names (one per line) to leave out.")
-@click.option("--device", help="auto, cpu or cuda.")
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--optimizer", help="adamw or sgd.")
-@click.option("--weight-decay", type=float, help="Weight decay (not applied to norms and biases).")
-@click.option("--warmup", type=float, help="Linear warm-up length in epochs.")
-@click.option("--embedding-dim", type=int, help=f"Embedding size D (default {ModelConfig.embedding_dim}).")
-@click.option("--width", type=float, help="Backbone channel multiplier.")
-@click.option("--dropout", type=float, help="Dropout before the classifier.")
-@click.option("--drop-path", type=float, help="Stochastic depth rate (residual blocks of every backbone).")
-@click.option("--neck", help="Feature map to embedding: gdc, flatten or gap.")
-@click.option("--margin", type=float, help="Margin in radians (ArcFace/CosFace) or m for SphereFace.")
-@click.option("--scale", type=float, help="Logit scale s for normalised heads.")
-@click.option("--label-smoothing", type=float, help="Label smoothing of the cross-entropy.")
-@click.option("--pair-loss", help="Joint pair loss: triplet, center, npair, circle, supcon.")
-@click.option("--pair-weight", type=float, help="lambda in classification + lambda * pair loss.")
-@click.option("--pair-margin", type=float, help="Triplet margin (cosine distance) or circle loss m.")
-@click.option("--mining", help="Triplet mining: batch_hard, semi_hard or all.")
-@click.option("--center-lr", type=float, help="Fixed learning rate of the center-loss centers (default: the model's lr and schedule).")
-@click.option("--sampler", help="random, or pk (P identities x K images, for pair losses).")
-@click.option("--pk", nargs=2, type=int, help="P and K for --sampler pk.")
-@click.option("--amp", help="Mixed precision: auto, none, bf16, fp16.")
-@click.option("--ema", type=float, help="EMA decay of the weights (0 = off).")
-@click.option("--grad-clip", type=float, help="Max gradient norm (0 = off).")
-@click.option("--kernels", help="auto, torch or triton (fused ArcFace head and depthwise conv).")
-@click.option("--workers", type=int, help="DataLoader worker processes.")
-@click.option("--seed", type=int, help="Random seed.")
-@click.option("--skip-bad", is_flag=True, default=None, help="Skip corrupt images and empty identity folders, with a count.")
-@click.option("--init-from", type=click.Path(), help="Sequential fine-tuning: start from this run/checkpoint's embedder.")
-@click.option("--time-budget", type=float, help="Minutes of training; the schedule follows the budget and stops when spent.")
-@click.option("--mixup", type=float, help="MixUp alpha (0 = off).")
-@click.option("--cutmix", type=float, help="CutMix alpha (0 = off).")
-@click.option("--randaugment", type=int, help="RandAugment magnitude (0 = off).")
-@click.option("--color-jitter", type=float, help="ColorJitter strength (0 = off).")
-@click.option("--random-erasing", type=float, help="RandomErasing probability.")
-@click.option("--hflip", type=float, help="Horizontal flip probability.")
-@click.option("--vflip", type=float, help="Vertical flip probability.")
-@click.option("--perspective", type=float, help="RandomPerspective distortion (0 = off).")
-@click.option("--crop-scale", type=float, help="RandomResizedCrop minimum scale (1 = off).")
-@click.option("--min-images", type=int, help="Drop identities with fewer images.")
-@click.option("--val-fraction", type=float, help="Fraction of each identity's images held out for accuracy.")
-@click.option("--threads", type=int, help="CPU threads for torch (0 = default).")
-@click.option("--checkpoint-minutes", type=float, help="Also checkpoint this often within an epoch.")
+@click.option("--pk", nargs=2, type=int, help="P K: shorthand for --pk-identities P --pk-images K.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs per epoch only).")
-def train(config_file, resume, pk, no_progress, **options):
-    """Train a face-embedding model from scratch on a folder of identities."""
+@_setting_options
+def train(config_files, settings, resume, pk, no_progress, **options):
+    """Train a face-embedding model from scratch on a folder of identities.
+
+    Every setting has one name: the YAML key (`optim: {lr: 0.003}`), the dotted --set name
+    (`--set optim.lr=3e-3`) and, for scalars, the option (`--lr 3e-3`)."""
+    from pathlib import Path
+
     from facefuse.trainer.config import resolve_config
     from facefuse.trainer.engine import train as run_training
 
-    overrides = {TRAIN_OPTIONS[k]: v for k, v in options.items() if v is not None}
-    if pk:
-        overrides["data.pk_identities"], overrides["data.pk_images"] = pk
-    if resume and not config_file:
-        from pathlib import Path
-
-        saved = Path(options["out"]) / "config.yaml"
-        config_file = str(saved) if saved.is_file() else None
-    if not overrides.get("data.root") and not config_file:
+    overrides, sources = train_overrides(options, pk, settings)
+    if resume and not config_files and overrides.get("out"):
+        saved = Path(overrides["out"]) / "config.yaml"
+        config_files = (str(saved),) if saved.is_file() else ()
+    if not overrides.get("out"):
+        raise click.UsageError("--out is required (the run folder)")
+    if not overrides.get("data.root") and not config_files:
         raise click.UsageError("--data is required (a folder with one sub-folder of images per identity)")
-    cfg = resolve_config(config_file, overrides)
+    cfg = resolve_config(list(config_files), overrides, sources)
     summary = run_training(cfg, resume=resume, progress=not no_progress)
     click.echo(json.dumps(summary, indent=2))
 

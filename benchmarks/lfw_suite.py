@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS_DIR, device_name, device_slug  # noqa: E402
 
 BASE = ("--backbone resnet18 --width 0.25 --image-size 64 --embedding-dim 256 --batch-size 128 --min-images 2 "
-        "--val-fraction 0.03 --threads 1 --workers 1 --lr 3e-3 --warmup 1").split()
+        "--val-fraction 0.03 --threads 1 --workers 1 --lr 3e-3 --warmup-epochs 1").split()
 
 ARCFACE = "--loss arcface --scale 32 --margin 0.3".split()
 PK = "--sampler pk --pk 32 4".split()
@@ -47,7 +47,7 @@ LOSSES = {
 # Sequential: name -> (first stage, its share of the budget, options of the second stage). ArcFace for
 # 70% of the budget, then triplet fine-tuning of that model for the rest.
 SEQUENTIAL = {"arcface-then-triplet": ("arcface-stage1", 0.7, ["--loss", "triplet", *PK, "--lr", "3e-4",
-                                                              "--warmup", "0"])}
+                                                              "--warmup-epochs", "0"])}
 BACKBONES = {
     "convnext_atto-x0.5": ["--backbone", "convnext_atto", "--width", "0.5", *ARCFACE],
     "mobilenetv2-x0.5": ["--backbone", "mobilenetv2", "--width", "0.5", *ARCFACE],
@@ -66,7 +66,7 @@ REGULARISERS = {
     "label-smoothing": "--label-smoothing 0.1".split(),
     "mixup-cutmix": "--mixup 0.2 --cutmix 1.0".split(),
     "stochastic-depth": "--drop-path 0.1".split(),
-    "ema": "--ema 0.99".split(),
+    "ema": "--ema-decay 0.99".split(),
 }
 
 

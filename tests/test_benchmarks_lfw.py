@@ -109,11 +109,8 @@ def test_suite_plan_runs_stages_first_and_every_row_is_a_valid_train_command():
     for name, _, opts in rows:  # each parses as `train` options and resolves to a valid config
         opts = [o if not o.startswith("@") else "/tmp/stage" for o in opts]
         ctx = cli.train.make_context("train", ["--data", "/tmp/d", "--out", "/tmp/x", *lfw_suite.BASE, *opts])
-        params = {k: v for k, v in ctx.params.items() if k in cli.TRAIN_OPTIONS and v is not None}
-        overrides = {cli.TRAIN_OPTIONS[k]: v for k, v in params.items()}
-        if ctx.params["pk"]:
-            overrides["data.pk_identities"], overrides["data.pk_images"] = ctx.params["pk"]
-        cfg = resolve_config(None, overrides)
+        overrides, sources = cli.train_overrides(ctx.params, ctx.params["pk"], ctx.params["settings"])
+        cfg = resolve_config(None, overrides, sources)
         assert (cfg.model.width, cfg.model.image_size, cfg.model.embedding_dim) == (
             (0.5 if name.startswith("backbone/") else 0.25), 64, 256), name
 

@@ -22,13 +22,70 @@ def test_precedence_defaults_file_options(tmp_path):
 def test_config_file_errors(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim: {learning_rate: 0.1}\n")
-    with pytest.raises(FacefuseError, match=r"unknown key 'learning_rate'; valid: optimizer, lr"):
+    with pytest.raises(FacefuseError, match=r"unknown key 'optim.learning_rate'; valid: optim.optimizer, optim.lr"):
         resolve_config(f)
     f.write_text("optim: [1, 2\n")
     with pytest.raises(FacefuseError, match="not valid YAML"):
         resolve_config(f)
     with pytest.raises(FacefuseError, match="no such file"):
         resolve_config(tmp_path / "none.yaml")
+
+
+def test_every_setting_has_one_name_in_files_set_and_options(tmp_path):
+    """Each dataclass field is settable from YAML and from --set under the same dotted name, and the
+    values survive a save/load round trip."""
+    from facefuse.trainer.config import default_of, leaf_fields
+
+    for key, f, t in leaf_fields():
+        value = default_of(f)
+        section, _, leaf = key.rpartition(".")
+        nested = {section: {leaf: value}} if section else {leaf: value}
+        path = tmp_path / "one.yaml"
+        import yaml
+        path.write_text(yaml.safe_dump(nested))
+        assert resolve_config(path) == TrainConfig(), key
+        assert resolve_config(None, {key: value}) == TrainConfig(), key
+
+
+def test_values_are_coerced_to_the_setting_type(tmp_path):
+    from facefuse.trainer.config import parse_set
+
+    f = tmp_path / "c.yaml"
+    f.write_text("optim: {lr: 3e-3, epochs: 4}\ndata: {skip_bad: yes, mean: [0.4, 0.5, 0.6]}\n")
+    cfg = resolve_config(f)
+    assert cfg.optim.lr == 0.003 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 3e-3 as a string
+    assert cfg.data.skip_bad is True and cfg.data.mean == (0.4, 0.5, 0.6)
+    cfg = resolve_config(None, parse_set(["optim.lr=1e-4", "loss.name=triplet", "loss.pair_options.margin=0.3",
+                                          "data.val_pairs_fold=none"]))
+    assert cfg.optim.lr == 1e-4 and cfg.loss.pair_options == {"margin": 0.3} and cfg.data.val_pairs_fold is None
+
+
+@pytest.mark.parametrize("text,overrides,sources,message", [
+    ("optim: {epochs: 0}", {}, {}, "--config {f}: optim.epochs: must be >= 1"),
+    ("optim: {epochs: two}", {}, {}, "--config {f}: optim.epochs: expected int, got 'two'"),
+    ("", {"optim.epochs": 0}, {"optim.epochs": "--epochs"}, "--epochs: must be >= 1"),
+    ("", {"optim.epochs": 0}, {"optim.epochs": "--set optim.epochs"}, "--set optim.epochs: must be >= 1"),
+    ("", {"optim.lr": "fast"}, {"optim.lr": "--set optim.lr"}, "--set optim.lr: expected float, got 'fast'"),
+    ("", {"optim.nope": 1}, {"optim.nope": "--set optim.nope"}, "--set optim.nope: unknown key 'optim.nope'"),
+    ("model: {backbone: vgg}", {}, {}, "--config {f}: model.backbone: unknown 'vgg'; valid: convnext_t"),
+    ("loss: {name: arcface, pair_options: {margin: 0.3}}", {}, {}, "loss.pair_options: set, but no pair loss"),
+    ("loss: {name: triplet, pair_options: {temperature: 0.3}}", {}, {},
+     "temperature: not a setting of the 'triplet' pair loss; valid: margin, mining"),
+])
+def test_validation_names_the_key_as_written(tmp_path, text, overrides, sources, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(FacefuseError) as info:
+        resolve_config([f] if text else None, overrides, sources)
+    assert message.format(f=f) in str(info.value)
+
+
+def test_later_config_files_override_earlier_ones_and_legacy_keys_are_read(tmp_path):
+    base, row = tmp_path / "base.yaml", tmp_path / "row.yaml"
+    base.write_text("optim: {lr: 0.1, epochs: 3}\nloss: {name: arcface, s: 16}\ndata: {num_workers: 0}\n")
+    row.write_text("optim: {lr: 0.2}\n")
+    cfg = resolve_config([base, row])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.loss.scale, cfg.data.workers) == (0.2, 3, 16.0, 0)
 
 
 def test_lr_schedule():
@@ -81,3 +138,20 @@ def test_ema_tracks_weights():
     ema.update_parameters(m)
     torch.testing.assert_close(ema.module.weight, w0 + 0.5)
     assert build_ema(m, 0.0) is None
+
+
+def test_train_help_lists_every_scalar_setting_with_its_dataclass_default():
+    import typing
+
+    from click.testing import CliRunner
+
+    from facefuse.cli import main
+    from facefuse.trainer.config import default_of, leaf_fields
+
+    out = CliRunner().invoke(main, ["train", "--help"], terminal_width=2000).output
+    flat = " ".join(out.split())
+    for key, f, t in leaf_fields():
+        base = next((a for a in typing.get_args(t) if a is not type(None)), t)
+        if base in (int, float, str, bool):
+            assert f"[{key}; default: {default_of(f)}]" in flat, key
+    assert "--lr FLOAT" in flat and "--kernels TEXT" in flat and "--ema-decay FLOAT" in flat

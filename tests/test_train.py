@@ -51,19 +51,19 @@ def test_train_end_to_end(faces, tmp_path):
 
 def test_config_file_then_options(faces, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("optim:\n  epochs: 1\n  batch_size: 6\nloss:\n  name: cosface\n  s: 16\n")
+    cfg.write_text("optim:\n  epochs: 1\n  batch_size: 6\nloss:\n  name: cosface\n  scale: 16\n")
     out = tmp_path / "run"
     r = run_cli("train", "--config", cfg, "--data", faces, "--out", out, "--batch-size", 4, *TINY)
     assert r.exit_code == 0, r.output
     import yaml
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["optim"]["batch_size"] == 4 and saved["optim"]["epochs"] == 1  # option beats file
-    assert saved["loss"]["name"] == "cosface" and saved["loss"]["s"] == 16
+    assert saved["loss"]["name"] == "cosface" and saved["loss"]["scale"] == 16
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--backbone", "vgg"], "unknown backbone 'vgg'; valid: resnet18"),
-    (["--loss", "magface"], "unknown loss 'magface'; valid: softmax"),
+    (["--backbone", "vgg"], "--backbone: unknown 'vgg'; valid: convnext_t"),
+    (["--loss", "magface"], "--loss: unknown 'magface'; valid: softmax"),
     (["--lr", "-1"], "--lr: must be a positive number"),
     (["--epochs", "0"], "--epochs: must be >= 1"),
     (["--label-smoothing", "1.5"], "--label-smoothing: must be in [0, 1)"),
@@ -96,7 +96,7 @@ def test_bad_data(tmp_path, faces):
 
 def test_nan_loss_is_reported(faces, tmp_path):
     r = run_cli("train", "--data", faces, "--out", tmp_path / "run", "--epochs", 2, "--batch-size", 4,
-                "--lr", "1e30", "--warmup", 0, "--grad-clip", 0, *TINY)
+                "--lr", "1e30", "--warmup-epochs", 0, "--grad-clip", 0, *TINY)
     assert r.exit_code == 2, r.output
     assert "loss became" in r.output and "lower --lr" in r.output
 
@@ -107,7 +107,7 @@ def _train_cmd(data, out, *extra):
 
 def test_exact_resume_after_kill(tmp_path):
     data = write_faces(tmp_path / "faces", n_identities=4, n_images=8, size=32)
-    args = ["--epochs", "2", "--batch-size", "4", "--mixup", "0.3", "--ema", "0.9", "--dropout", "0.2",
+    args = ["--epochs", "2", "--batch-size", "4", "--mixup", "0.3", "--ema-decay", "0.9", "--dropout", "0.2",
             "--val-fraction", "0", "--lr", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
@@ -143,7 +143,7 @@ def test_exact_resume_after_kill(tmp_path):
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
     data = write_faces(tmp_path / "faces", n_identities=4, n_images=2, size=32)
-    args = ["--epochs", "1", "--batch-size", "8", "--hflip", "0", "--val-fraction", "0", "--warmup", "0",
+    args = ["--epochs", "1", "--batch-size", "8", "--hflip", "0", "--val-fraction", "0", "--warmup-epochs", "0",
             "--lr", "0.05", "--loss", "cosface", "--optimizer", "sgd"]
     # SGD: a first Adam step is lr * sign(g) for tiny g, which magnifies float rounding between runs
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -165,7 +165,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 def test_triton_kernels_in_a_training_step(tmp_path):
     """--kernels triton trains through both fused kernels (interpreted on CPU) and matches --kernels torch."""
     data = write_faces(tmp_path / "faces", n_identities=3, n_images=2, size=32)
-    args = ["--epochs", "1", "--batch-size", "6", "--hflip", "0", "--val-fraction", "0", "--warmup", "0",
+    args = ["--epochs", "1", "--batch-size", "6", "--hflip", "0", "--val-fraction", "0", "--warmup-epochs", "0",
             "--optimizer", "sgd", "--lr", "0.1", "--loss", "arcface", "--backbone", "convnext_atto",
             "--embedding-dim", "16", "--image-size", "32", "--workers", "0", "--no-progress", "--threads", "1"]
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -81,7 +81,8 @@ def load_embedding_model(path: str | Path, device: str | torch.device = "cpu", *
         state = payload["embedder"]
     else:
         state = payload.get("ema") if ema and payload.get("ema") else _embedder_state(payload["model"])
-    cfg = ModelConfig(**{**meta.model, "kernel_backend": "torch"})
+    saved = {k: v for k, v in meta.model.items() if k != "kernel_backend"}  # key of earlier releases
+    cfg = ModelConfig(**{**saved, "kernels": "torch"})
     model = build_model(cfg, meta.num_classes)
     try:
         model.load_state_dict(state)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,83 +27,90 @@ from facefuse.core.errors import FacefuseError
 DEFAULT_RECIPE_ROW = "recipe/convnext-sphereface"
 
 
+def _f(default, help: str, **kw):
+    """A config field with its help text (shown by ``facefuse train --help``)."""
+    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class DataConfig:
-    root: str = ""                      # one sub-folder per identity
-    exclude_identities: str | None = None  # file, one identity name per line
-    min_images: int = 2                 # identities with fewer images are dropped
-    val_fraction: float = 0.03          # held-out images per identity (identities with >= 2 images)
-    val_pairs: str | None = None        # LFW pairs.txt or `path_a path_b label` lines
-    val_pairs_root: str | None = None   # images of the pairs file (default: beside it / lfw-112)
-    val_pairs_fold: int | None = None   # evaluate only this fold of an LFW pairs file
-    val_pairs_disjoint: bool = False    # leave the val pairs' identities out of training
-    skip_bad: bool = False              # skip corrupt images with a count instead of failing
-    verify_images: bool = True          # decode every image once before training
-    num_workers: int = 2
-    sampler: str = "random"             # random | pk
-    pk_identities: int = 32             # P identities per batch (sampler=pk)
-    pk_images: int = 4                  # K images per identity (sampler=pk)
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    root: str = _f("", "Training images: one sub-folder per identity.", option="data")
+    exclude_identities: str | None = _f(None, "File of identity names (one per line) to leave out.")
+    min_images: int = _f(2, "Drop identities with fewer images.")
+    val_fraction: float = _f(0.03, "Fraction of each identity's images held out for closed-set accuracy.")
+    val_pairs: str | None = _f(None, "Verification pairs for validation: LFW pairs.txt or `path_a path_b label` lines.")
+    val_pairs_root: str | None = _f(None, "Folder the pairs' image paths are relative to (default: beside the file).")
+    val_pairs_fold: int | None = _f(None, "Use only this fold of an LFW pairs file.")
+    val_pairs_disjoint: bool = _f(False, "Leave the validation pairs' identities out of training (open-set).")
+    skip_bad: bool = _f(False, "Skip corrupt images and empty identity folders, with a count.")
+    verify_images: bool = _f(True, "Decode every image once before training (a bad file is named up front).")
+    workers: int = _f(2, "DataLoader worker processes.")
+    sampler: str = _f("random", "Batch sampler: random, or pk (P identities x K images, for pair losses).")
+    pk_identities: int = _f(32, "P: identities per batch (sampler pk).")
+    pk_images: int = _f(4, "K: images per identity (sampler pk).")
+    mean: tuple[float, float, float] = _f((0.5, 0.5, 0.5), "Per-channel input mean.")
+    std: tuple[float, float, float] = _f((0.5, 0.5, 0.5), "Per-channel input std.")
 
 
 @dataclass
 class AugmentConfig:
-    hflip: float = 0.5                  # probability
-    vflip: float = 0.0
-    crop_scale: float = 1.0             # RandomResizedCrop scale lower bound (1.0 = off)
-    color_jitter: float = 0.0           # brightness/contrast/saturation strength (0 = off)
-    perspective: float = 0.0            # RandomPerspective distortion scale (0 = off)
-    randaugment: int = 0                # RandAugment magnitude (0 = off)
-    random_erasing: float = 0.0         # probability
-    mixup: float = 0.0                  # MixUp alpha (0 = off)
-    cutmix: float = 0.0                 # CutMix alpha (0 = off)
-    pipeline: list | None = None        # explicit v2 pipeline: [[name, {kwargs}], ...] replaces the above
+    hflip: float = _f(0.5, "Horizontal flip probability.")
+    vflip: float = _f(0.0, "Vertical flip probability.")
+    crop_scale: float = _f(1.0, "RandomResizedCrop minimum scale (1 = off).")
+    color_jitter: float = _f(0.0, "ColorJitter brightness/contrast/saturation strength (0 = off).")
+    perspective: float = _f(0.0, "RandomPerspective distortion (0 = off).")
+    randaugment: int = _f(0, "RandAugment magnitude (0 = off).")
+    random_erasing: float = _f(0.0, "RandomErasing probability.")
+    mixup: float = _f(0.0, "MixUp alpha (0 = off).")
+    cutmix: float = _f(0.0, "CutMix alpha (0 = off).")
+    pipeline: list | None = _f(None, "Explicit v2 pipeline [[name, {kwargs}], ...]; replaces the options above.")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "convnext_atto"
-    embedding_dim: int = 256
-    image_size: int = 64
-    dropout: float = 0.0                # before the classifier
-    width: float = 0.5                  # channel multiplier
-    drop_path: float = 0.0              # stochastic depth (residual blocks)
-    neck: str = "gdc"                   # gdc | flatten | gap: feature map -> embedding
-    kernel_backend: str = "torch"       # torch | triton (resolved from the device when "auto")
+    backbone: str = _f("convnext_atto", "Backbone (see the registry's names below).")
+    embedding_dim: int = _f(256, "Embedding size D.")
+    image_size: int = _f(64, "Model input side in pixels (a multiple of 16).")
+    dropout: float = _f(0.0, "Dropout before the classifier.")
+    width: float = _f(0.5, "Backbone channel multiplier.")
+    drop_path: float = _f(0.0, "Stochastic depth rate (residual blocks of every backbone).")
+    neck: str = _f("gdc", "Feature map to embedding.")
+    kernels: str = _f("torch", "auto, torch or triton (fused margin head and depthwise conv; auto: triton on CUDA).")
 
 
 @dataclass
 class LossConfig:
-    name: str = "sphereface"            # classification head or pair-only loss
-    s: float = 32.0
-    margin: float | None = None         # head default when None
-    m1: float = 1.0                     # combined margin only
-    m2: float = 0.0
-    m3: float = 0.0
-    label_smoothing: float = 0.0
-    pair: str | None = None             # joint pair loss: triplet | center | npair | circle | supcon
-    pair_weight: float = 1.0            # lambda in  cls + lambda * pair
-    pair_margin: float | None = None    # triplet margin / circle m (loss default when None)
-    mining: str = "batch_hard"          # triplet: batch_hard | semi_hard | all
-    temperature: float = 0.1            # supcon
-    center_lr: float | None = None      # center-loss centers: None = the model's lr and schedule
+    name: str = _f("sphereface", "Classification head, or a pair loss alone.", option="loss")
+    scale: float = _f(32.0, "Logit scale s of the normalised heads.")
+    margin: float | None = _f(None, "The named head's margin: radians (arcface), cosine (cosface), m (sphereface); "
+                                    "default: the head's own.")
+    m1: float = _f(1.0, "Combined margin cos(m1*theta + m2) - m3: m1 (head `combined` only).")
+    m2: float = _f(0.0, "Combined margin: m2 (head `combined` only).")
+    m3: float = _f(0.0, "Combined margin: m3 (head `combined` only).")
+    easy_margin: bool = _f(False, "insightface's easy margin: the margin only where cos(theta) > 0.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy.")
+    pair_loss: str | None = _f(None, "Joint pair loss added to the classification loss.")
+    pair_weight: float = _f(1.0, "lambda in classification + lambda * pair loss.")
+    pair_options: dict = _f({}, "Settings of the pair loss in use, by its own names "
+                                "(e.g. --set loss.pair_options.margin=0.3).")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"            # adamw | sgd
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    epochs: int = 20                    # default recipe: 30 min on half of this project's 2-core CPU
-    batch_size: int = 128
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01          # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 5.0              # max global grad norm (0 = off)
-    amp: str = "auto"                   # auto | none | bf16 | fp16 (auto: bf16 on CUDA, none on CPU)
-    ema_decay: float = 0.0              # 0 = off
-    channels_last: bool = True          # on CUDA
+    optimizer: str = _f("adamw", "adamw or sgd.")
+    lr: float = _f(3e-3, "Peak learning rate.")
+    weight_decay: float = _f(0.05, "Weight decay (not applied to norms and biases).")
+    momentum: float = _f(0.9, "SGD momentum.")
+    epochs: int = _f(20, "Training epochs.")
+    batch_size: int = _f(128, "Global batch size (split over torchrun processes).")
+    warmup_epochs: float = _f(1.0, "Linear warm-up length in epochs.")
+    min_lr_ratio: float = _f(0.01, "The cosine decays to lr * min_lr_ratio.")
+    grad_clip: float = _f(5.0, "Max global gradient norm (0 = off).")
+    amp: str = _f("auto", "Mixed precision: auto (bf16 on CUDA, none on CPU), none, bf16, fp16.")
+    ema_decay: float = _f(0.0, "EMA decay of the weights (0 = off).")
+    channels_last: bool = _f(True, "channels_last memory format on CUDA.")
 
 
 @dataclass
@@ -111,35 +120,124 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    out: str = ""
-    device: str = "auto"                # auto | cpu | cuda
-    seed: int = 0
-    init_from: str | None = None        # sequential fine-tuning: start from this checkpoint's weights
-    time_budget: float = 0.0            # minutes; stop cleanly when spent (0 = none)
-    checkpoint_minutes: float = 5.0     # also checkpoint this often within an epoch
-    eval_every: int = 1                 # epochs
-    threads: int = 0                    # torch CPU threads (0 = torch default)
+    out: str = _f("", "Run folder (config, checkpoints, metrics, summary).")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
+    seed: int = _f(0, "Random seed.")
+    init_from: str | None = _f(None, "Sequential fine-tuning: start from this run/checkpoint's embedder.")
+    time_budget: float = _f(0.0, "Minutes of training; the schedule follows the budget and stops when spent (0 = none).")
+    checkpoint_minutes: float = _f(5.0, "Also checkpoint this often within an epoch.")
+    eval_every: int = _f(1, "Validate every this many epochs.")
+    threads: int = _f(0, "CPU threads for torch (0 = torch default).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _merge(obj, values: dict, where: str):
-    """Recursively apply ``values`` onto dataclass ``obj``; unknown keys are an error naming them."""
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        if key not in fields:
-            raise FacefuseError(f"{where}: unknown key {key!r}; valid: {', '.join(fields)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise FacefuseError(f"{where}: {key!r} must be a mapping")
-            _merge(current, value, f"{where}.{key}" if "." in where else f"{where}: {key}")
+SECTIONS = ("data", "augment", "model", "loss", "optim")
+
+
+def leaf_fields(cls=TrainConfig, prefix: str = ""):
+    """``(dotted key, dataclasses.Field, resolved type)`` of every setting, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            yield from leaf_fields(t, f"{prefix}{f.name}.")
         else:
-            if isinstance(current, tuple) and isinstance(value, list):
-                value = tuple(value)
-            setattr(obj, key, value)
-    return obj
+            yield f"{prefix}{f.name}", f, t
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+# keys of earlier releases, read from old config files and model files
+LEGACY_KEYS = {"data.num_workers": "data.workers", "model.kernel_backend": "model.kernels", "loss.s": "loss.scale",
+               "loss.pair": "loss.pair_loss"}
+_FIELDS = {key: (f, t) for key, f, t in leaf_fields()}
+
+
+def coerce(key: str, value: Any, where: str) -> Any:
+    """``value`` as the type of setting ``key`` (YAML reads ``3e-3`` as a string, options give strings)."""
+    f, t = _FIELDS[key]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    optional = type(None) in typing.get_args(t)
+    base = args[0] if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union else t
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise FacefuseError(f"{where}: must be set (got nothing)")
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value, 10)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        raise FacefuseError(f"{where}: expected {base.__name__}, got {value!r}") from None
+    origin = typing.get_origin(base) or base
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(base)):
+            raise FacefuseError(f"{where}: expected a list of {len(typing.get_args(base))} numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    if origin is dict and not isinstance(value, dict):
+        raise FacefuseError(f"{where}: expected a mapping, got {value!r}")
+    if origin is list and not isinstance(value, list):
+        raise FacefuseError(f"{where}: expected a list, got {value!r}")
+    return value
+
+
+def flatten(values: dict, where: str, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (a config file) as ``{dotted key: value}``; unknown keys are an error naming them."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = LEGACY_KEYS.get(f"{prefix}{key}", f"{prefix}{key}")
+        if dotted in _FIELDS:
+            out[dotted] = value
+        elif dotted in SECTIONS and isinstance(value, dict):
+            out.update(flatten(value, where, f"{dotted}."))
+        elif dotted in SECTIONS:
+            raise FacefuseError(f"{where}: {dotted!r} must be a mapping")
+        else:
+            raise FacefuseError(f"{where}: unknown key {dotted!r}; {_suggest(dotted)}")
+    return out
+
+
+def _suggest(dotted: str) -> str:
+    section = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    names = [k for k in _FIELDS if k.startswith(f"{section}.")] if section in SECTIONS else list(SECTIONS) + [
+        k for k in _FIELDS if "." not in k]
+    return f"valid: {', '.join(names)}"
+
+
+def parse_set(items) -> dict[str, Any]:
+    """``--set key=value`` items as ``{dotted key: YAML-parsed value}``; ``loss.pair_options.margin=0.3``
+    sets one entry of a mapping setting."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise FacefuseError(f"--set {item}: expected KEY=VALUE, e.g. --set optim.lr=3e-3")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        out[key] = value
+    return out
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -147,7 +245,7 @@ def load_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise FacefuseError(f"--config {path}: no such file")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FacefuseError(f"--config {path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
@@ -158,72 +256,145 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-def set_dotted(values: dict, dotted: str, value: Any) -> None:
-    """``set_dotted(d, "optim.lr", 0.1)`` sets ``d["optim"]["lr"]``."""
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        values = values.setdefault(p, {})
-    values[leaf] = value
+def resolve_config(config_files=None, overrides: dict | None = None,
+                   sources: dict | None = None) -> TrainConfig:
+    """Defaults <- each config file in order <- ``overrides`` ({dotted key: value}); then validated.
 
-
-def resolve_config(config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults <- config file <- ``overrides`` (a dict of dotted keys); then validated."""
-    cfg = TrainConfig()
-    if config_file:
-        _merge(cfg, load_config_file(config_file), f"--config {config_file}")
-    nested: dict = {}
+    ``sources`` names how the user wrote each override (``{"optim.lr": "--lr"}``); errors name
+    the key as the user wrote it, in a file (``--config F: optim.lr``) or as an option."""
+    if isinstance(config_files, (str, Path)):
+        config_files = [config_files]
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for path in config_files or ():
+        for key, value in flatten(load_config_file(path), f"--config {path}").items():
+            values[key], where[key] = value, f"--config {path}: {key}"
     for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(nested, key, value)
-    _merge(cfg, nested, "option")
-    validate(cfg)
+        label = (sources or {}).get(key, key)
+        field_key, entry = _split_mapping_key(key, label)
+        if entry is None:
+            values[field_key], where[field_key] = value, label
+        else:  # one entry of a mapping setting
+            base = dict(values.get(field_key) or {})
+            base[entry] = value
+            values[field_key], where[field_key] = base, label
+    cfg = TrainConfig()
+    for key, value in values.items():
+        _set(cfg, key, coerce(key, value, where[key]))
+    validate(cfg, where)
     return cfg
 
 
-def _check(cond: bool, option: str, msg: str) -> None:
-    if not cond:
-        raise FacefuseError(f"{option}: {msg}")
+def _split_mapping_key(key: str, label: str) -> tuple[str, str | None]:
+    key = LEGACY_KEYS.get(key, key)
+    if key in _FIELDS:
+        return key, None
+    parent, _, entry = key.rpartition(".")
+    if parent in _FIELDS and typing.get_origin(_FIELDS[parent][1]) in (dict, None) and _FIELDS[parent][1] is dict:
+        return parent, entry
+    raise FacefuseError(f"{label}: unknown key {key!r}; {_suggest(key)}")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Range checks; each error names the option."""
+def _set(cfg: TrainConfig, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, value)
+
+
+def validate(cfg: TrainConfig, where: dict | None = None) -> None:
+    """Range checks; each error names the key as the user wrote it (option or file key)."""
+    name = lambda key: (where or {}).get(key, key)  # noqa: E731
+
+    def check(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise FacefuseError(f"{name(key)}: {msg}")
+
+    def one_of(key: str, valid) -> None:
+        value = _get(cfg, key)
+        check(value in valid, key, f"unknown {value!r}; valid: {', '.join(valid)}")
+
     o, d, m, l, a = cfg.optim, cfg.data, cfg.model, cfg.loss, cfg.augment
-    _check(o.epochs >= 1, "--epochs", f"must be >= 1, got {o.epochs}")
-    _check(o.batch_size >= 2, "--batch-size", f"must be >= 2, got {o.batch_size}")
-    _check(o.lr > 0 and math.isfinite(o.lr), "--lr", f"must be a positive number, got {o.lr}")
-    _check(o.weight_decay >= 0, "--weight-decay", f"must be >= 0, got {o.weight_decay}")
-    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", f"must be in [0, epochs], got {o.warmup_epochs}")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    _check(o.grad_clip >= 0, "--grad-clip", f"must be >= 0, got {o.grad_clip}")
-    _check(0 <= o.ema_decay < 1, "--ema", f"must be in [0, 1), got {o.ema_decay}")
-    _check(o.optimizer in ("adamw", "sgd"), "--optimizer", f"unknown {o.optimizer!r}; valid: adamw, sgd")
-    _check(o.amp in ("auto", "none", "bf16", "fp16"), "--amp", f"unknown {o.amp!r}; valid: auto, none, bf16, fp16")
-    _check(m.image_size >= 32 and m.image_size % 16 == 0, "--image-size",
-           f"must be a multiple of 16 and >= 32, got {m.image_size}")
-    _check(m.embedding_dim >= 2, "--embedding-dim", f"must be >= 2, got {m.embedding_dim}")
-    _check(0 <= m.dropout < 1, "--dropout", f"must be in [0, 1), got {m.dropout}")
-    _check(m.neck in ("gdc", "flatten", "gap"), "model.neck", f"unknown {m.neck!r}; valid: gdc, flatten, gap")
-    _check(m.kernel_backend in ("auto", "torch", "triton"), "--kernels",
-           f"unknown {m.kernel_backend!r}; valid: auto, torch, triton")
-    _check(0 <= d.val_fraction < 1, "--val-fraction", f"must be in [0, 1), got {d.val_fraction}")
-    _check(d.min_images >= 1, "--min-images", f"must be >= 1, got {d.min_images}")
-    _check(d.num_workers >= 0, "--workers", f"must be >= 0, got {d.num_workers}")
-    _check(d.sampler in ("random", "pk"), "--sampler", f"unknown {d.sampler!r}; valid: random, pk")
-    _check(d.pk_identities >= 2 and d.pk_images >= 2, "--pk", "P and K must both be >= 2")
-    _check(0 <= l.label_smoothing < 1, "--label-smoothing", f"must be in [0, 1), got {l.label_smoothing}")
-    _check(l.s > 0, "--scale", f"must be > 0, got {l.s}")
-    _check(l.pair_weight >= 0, "--pair-weight", f"must be >= 0, got {l.pair_weight}")
-    for name in ("hflip", "vflip", "random_erasing"):
-        p = getattr(a, name)
-        _check(0 <= p <= 1, f"augment.{name}", f"probability must be in [0, 1], got {p}")
-    _check(0 < a.crop_scale <= 1, "augment.crop_scale", f"must be in (0, 1], got {a.crop_scale}")
-    for name in ("color_jitter", "perspective", "mixup", "cutmix"):
-        _check(getattr(a, name) >= 0, f"augment.{name}", f"must be >= 0, got {getattr(a, name)}")
-    _check(0 <= a.perspective <= 1, "augment.perspective", f"must be in [0, 1], got {a.perspective}")
-    _check(0 <= a.randaugment <= 30, "augment.randaugment", f"magnitude must be in [0, 30], got {a.randaugment}")
-    _check(cfg.time_budget >= 0, "--time-budget", f"must be >= 0, got {cfg.time_budget}")
-    _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device",
-           f"unknown {cfg.device!r}; valid: auto, cpu, cuda")
+    check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    check(o.batch_size >= 2, "optim.batch_size", f"must be >= 2, got {o.batch_size}")
+    check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
+    check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", f"must be in [0, epochs], got {o.warmup_epochs}")
+    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+    check(0 <= o.ema_decay < 1, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
+    one_of("optim.optimizer", ("adamw", "sgd"))
+    one_of("optim.amp", ("auto", "none", "bf16", "fp16"))
+    check(m.image_size >= 32 and m.image_size % 16 == 0, "model.image_size",
+          f"must be a multiple of 16 and >= 32, got {m.image_size}")
+    check(m.embedding_dim >= 2, "model.embedding_dim", f"must be >= 2, got {m.embedding_dim}")
+    check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    check(m.width > 0, "model.width", f"must be > 0, got {m.width}")
+    check(0 <= m.drop_path < 1, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
+    one_of("model.kernels", ("auto", "torch", "triton"))
+    check(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    check(d.min_images >= 1, "data.min_images", f"must be >= 1, got {d.min_images}")
+    check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    one_of("data.sampler", ("random", "pk"))
+    check(d.pk_identities >= 2, "data.pk_identities", f"must be >= 2, got {d.pk_identities}")
+    check(d.pk_images >= 2, "data.pk_images", f"must be >= 2, got {d.pk_images}")
+    check(0 <= l.label_smoothing < 1, "loss.label_smoothing", f"must be in [0, 1), got {l.label_smoothing}")
+    check(l.scale > 0 and math.isfinite(l.scale), "loss.scale", f"must be > 0, got {l.scale}")
+    check(l.pair_weight >= 0, "loss.pair_weight", f"must be >= 0, got {l.pair_weight}")
+    for key in ("hflip", "vflip", "random_erasing"):
+        p = getattr(a, key)
+        check(0 <= p <= 1, f"augment.{key}", f"probability must be in [0, 1], got {p}")
+    check(0 < a.crop_scale <= 1, "augment.crop_scale", f"must be in (0, 1], got {a.crop_scale}")
+    for key in ("color_jitter", "perspective", "mixup", "cutmix"):
+        check(getattr(a, key) >= 0, f"augment.{key}", f"must be >= 0, got {getattr(a, key)}")
+    check(0 <= a.perspective <= 1, "augment.perspective", f"must be in [0, 1], got {a.perspective}")
+    check(0 <= a.randaugment <= 30, "augment.randaugment", f"magnitude must be in [0, 30], got {a.randaugment}")
+    check(cfg.time_budget >= 0, "time_budget", f"must be >= 0, got {cfg.time_budget}")
+    check(cfg.eval_every >= 1, "eval_every", f"must be >= 1, got {cfg.eval_every}")
+    check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device",
+          f"unknown {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
+    _validate_names(cfg, check)
+
+
+def _validate_names(cfg: TrainConfig, check) -> None:
+    """Names that live in registries: backbone, neck, loss, pair loss and its settings."""
+    from facefuse.trainer.backbones import BACKBONES
+    from facefuse.trainer.losses import HEADS, PAIR_LOSSES, pair_loss_settings
+    from facefuse.trainer.model import NECKS
+
+    m, l = cfg.model, cfg.loss
+    for key, registry in (("model.backbone", BACKBONES), ("model.neck", NECKS)):
+        value = _get(cfg, key)
+        check(value in registry, key, f"unknown {value!r}; valid: {', '.join(registry.names())}")
+    losses = [*HEADS.names(), *PAIR_LOSSES.names()]
+    check(l.name in losses, "loss.name", f"unknown {l.name!r}; valid: {', '.join(losses)}")
+    check(l.pair_loss is None or l.pair_loss in PAIR_LOSSES, "loss.pair_loss",
+          f"unknown {l.pair_loss!r}; valid: {', '.join(PAIR_LOSSES.names())}")
+    check(not (l.pair_loss and l.name in PAIR_LOSSES), "loss.pair_loss",
+          f"--loss {l.name} is already a pair loss; a joint pair loss needs a classification head")
+    in_use = pair_loss_in_use(cfg)
+    if in_use is None:
+        check(not l.pair_options, "loss.pair_options", "set, but no pair loss is in use")
+    else:
+        valid = pair_loss_settings(in_use)
+        for key in l.pair_options:
+            check(key in valid, "loss.pair_options",
+                  f"{key}: not a setting of the {in_use!r} pair loss; valid: {', '.join(valid)}")
+
+
+def pair_loss_in_use(cfg: TrainConfig) -> str | None:
+    """The pair loss trained: ``loss.pair_loss`` beside a head, or ``loss.name`` itself."""
+    from facefuse.trainer.losses import PAIR_LOSSES
+
+    return cfg.loss.pair_loss or (cfg.loss.name if cfg.loss.name in PAIR_LOSSES else None)
+
+
+def _get(cfg: TrainConfig, key: str):
+    obj = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -149,9 +149,9 @@ class Trainer:
         if not self.resume and last.is_file():
             raise FacefuseError(f"--out {self.out} already holds a run; pass --resume to continue it or choose "
                                 "another --out")
-        if cfg.model.kernel_backend == "auto":
-            cfg.model.kernel_backend = default_backend(self.device)
-        if cfg.model.kernel_backend == "triton" and self.device.type != "cuda":
+        if cfg.model.kernels == "auto":
+            cfg.model.kernels = default_backend(self.device)
+        if cfg.model.kernels == "triton" and self.device.type != "cuda":
             from facefuse.kernels._common import INTERPRETING
 
             if not INTERPRETING:
@@ -164,7 +164,7 @@ class Trainer:
             self.face_model = build_face_model(cfg.model, cfg.loss, len(self.classes)).to(self.device)
         except ValueError as exc:  # unknown backbone / loss names, out-of-range loss parameters
             raise FacefuseError(str(exc)) from None
-        self.face_model.set_kernel_backend(cfg.model.kernel_backend)
+        self.face_model.set_kernel_backend(cfg.model.kernels)
         if self.device.type == "cuda" and cfg.optim.channels_last:
             self.face_model = self.face_model.to(memory_format=torch.channels_last)
         self.ema = build_ema(self.face_model, cfg.optim.ema_decay)
@@ -205,7 +205,7 @@ class Trainer:
                 self.sampler = RandomBatchSampler(self.train_set.labels, cfg.optim.batch_size, **kw)
         except ValueError as exc:
             raise FacefuseError(str(exc)) from None
-        workers = cfg.data.num_workers
+        workers = cfg.data.workers
         self.train_loader = DataLoader(SeededDataset(FaceDataset(self.train_set, train_tf)),
                                        batch_sampler=self.sampler, num_workers=workers,
                                        pin_memory=self.device.type == "cuda", generator=torch.Generator(),
@@ -327,9 +327,9 @@ class Trainer:
         cfg, s = self.cfg, self.state
         n_params = count_parameters(self.face_model.embedder)
         self.log(f"training {cfg.model.backbone} ({n_params / 1e6:.2f}M params) with {cfg.loss.name}"
-                 f"{' + ' + cfg.loss.pair if cfg.loss.pair else ''} on {len(self.classes)} identities, "
+                 f"{' + ' + cfg.loss.pair_loss if cfg.loss.pair_loss else ''} on {len(self.classes)} identities, "
                  f"{len(self.train_set)} train / {len(self.val_set)} held-out images, device {self.device}, "
-                 f"kernels {cfg.model.kernel_backend}, {self.dist.world_size} process(es)")
+                 f"kernels {cfg.model.kernels}, {self.dist.world_size} process(es)")
         last_ckpt = time.monotonic()
         stopped_by = None
         while s.epoch < cfg.optim.epochs and stopped_by is None:
@@ -400,7 +400,7 @@ class Trainer:
             cfg = self.cfg
             m = self.validator.evaluate(model.embedder, image_size=cfg.model.image_size, mean=cfg.data.mean,
                                         std=cfg.data.std, device=self.device, autocast=self.autocast,
-                                        num_workers=cfg.data.num_workers)
+                                        num_workers=cfg.data.workers)
             out.update({f"pairs_{k}": v for k, v in m.items()})
         return out
 
@@ -408,7 +408,7 @@ class Trainer:
         last = self.state.history[-1] if self.state.history else {}
         summary = {
             "run": str(self.out), "backbone": self.cfg.model.backbone, "loss": self.cfg.loss.name,
-            "pair_loss": self.cfg.loss.pair, "epochs_done": self.state.epoch, "steps": self.state.step,
+            "pair_loss": self.cfg.loss.pair_loss, "epochs_done": self.state.epoch, "steps": self.state.step,
             "train_seconds": round(self.state.elapsed, 1), "images_seen": self.state.images_seen,
             "images_per_s": self.state.images_seen / max(1e-9, self.state.elapsed),
             "parameters": count_parameters(self.face_model.embedder), "identities": len(self.classes),

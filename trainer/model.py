@@ -10,9 +10,13 @@ import torch.nn as nn
 
 from facefuse.trainer.backbones import build_backbone
 from facefuse.trainer.config import LossConfig, ModelConfig
+from facefuse.core.registry import Registry
 from facefuse.trainer.ops import check_backend
 
+NECKS = Registry("neck")
 
+
+@NECKS.register("gdc")
 class GDCNeck(nn.Module):
     """Global depthwise conv (MobileFaceNet): a learned per-channel spatial weighting of the final
     map instead of average pooling, then a linear projection and BatchNorm."""
@@ -28,6 +32,7 @@ class GDCNeck(nn.Module):
         return self.bn2(self.fc(self.bn1(self.dw(f)).flatten(1)))
 
 
+@NECKS.register("flatten")
 class FlattenNeck(nn.Module):
     """ArcFace's output layer "E": BN -> flatten -> FC -> BN over the whole final map."""
 
@@ -41,6 +46,7 @@ class FlattenNeck(nn.Module):
         return self.bn2(self.fc(self.bn1(f).flatten(1)))
 
 
+@NECKS.register("gap")
 class GAPNeck(nn.Module):
     """Global average pooling -> FC -> BN."""
 
@@ -53,7 +59,6 @@ class GAPNeck(nn.Module):
         return self.bn(self.fc(f.mean((2, 3))))
 
 
-NECKS = {"gdc": GDCNeck, "flatten": FlattenNeck, "gap": GAPNeck}
 
 
 class EmbeddingModel(nn.Module):
@@ -61,13 +66,12 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.neck not in NECKS:
-            raise ValueError(f"unknown neck {cfg.neck!r}; valid: {', '.join(NECKS)}")
-        backend = "torch" if cfg.kernel_backend == "auto" else cfg.kernel_backend
+        make_neck = NECKS.get(cfg.neck)
+        backend = "torch" if cfg.kernels == "auto" else cfg.kernels
         self.backbone = build_backbone(cfg.backbone, width=cfg.width, drop_path=cfg.drop_path,
                                        kernel_backend=backend)
         side = _output_side(cfg.image_size, self.backbone)
-        self.neck = NECKS[cfg.neck](self.backbone.num_features, (side, side), cfg.embedding_dim)
+        self.neck = make_neck(self.backbone.num_features, (side, side), cfg.embedding_dim)
         self.embedding_dim = cfg.embedding_dim
         self.image_size = cfg.image_size
 
@@ -149,40 +153,24 @@ def build_model(cfg: ModelConfig, num_classes: int) -> EmbeddingModel:
 
 
 def build_face_model(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int) -> FaceModel:
-    from facefuse.trainer.losses import CLASSIFICATION_HEADS, PAIR_LOSSES, build_head, build_pair_loss
+    """The embedding model with its training head and/or pair loss, as the config names them."""
+    from facefuse.trainer.losses import HEADS, PAIR_LOSSES, build_head, build_pair_loss
 
     embedder = build_model(model_cfg, num_classes)
-    backend = "torch" if model_cfg.kernel_backend == "auto" else model_cfg.kernel_backend
+    backend = "torch" if model_cfg.kernels == "auto" else model_cfg.kernels
     name = loss_cfg.name
-    if name not in CLASSIFICATION_HEADS and name not in PAIR_LOSSES:
-        valid = ", ".join(list(CLASSIFICATION_HEADS) + list(PAIR_LOSSES))
-        raise ValueError(f"unknown loss {name!r}; valid: {valid}")
-    head = pair = None
-    if name in CLASSIFICATION_HEADS:
-        head = build_head(name, model_cfg.embedding_dim, num_classes, s=loss_cfg.s, margin=loss_cfg.margin,
-                          m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3,
+    if name not in HEADS and name not in PAIR_LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(HEADS.names() + PAIR_LOSSES.names())}")
+    head = None
+    if name in HEADS:
+        head = build_head(name, model_cfg.embedding_dim, num_classes, s=loss_cfg.scale, margin=loss_cfg.margin,
+                          m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, easy_margin=loss_cfg.easy_margin,
                           label_smoothing=loss_cfg.label_smoothing, kernel_backend=backend)
-        pair_name = loss_cfg.pair
-    else:
-        pair_name = name
+    pair_name = loss_cfg.pair_loss if name in HEADS else name
+    pair = None
     if pair_name:
-        pair = build_pair_loss(pair_name, model_cfg.embedding_dim, num_classes, **_pair_kwargs(pair_name, loss_cfg))
+        pair = build_pair_loss(pair_name, model_cfg.embedding_dim, num_classes, **loss_cfg.pair_options)
     return FaceModel(embedder, head, pair, dropout=model_cfg.dropout, pair_weight=loss_cfg.pair_weight)
-
-
-def _pair_kwargs(name: str, cfg: LossConfig) -> dict:
-    kw: dict = {}
-    if name == "triplet":
-        kw["mining"] = cfg.mining
-        if cfg.pair_margin is not None:
-            kw["margin"] = cfg.pair_margin
-    elif name == "circle" and cfg.pair_margin is not None:
-        kw["m"] = cfg.pair_margin
-    elif name == "supcon":
-        kw["temperature"] = cfg.temperature
-    elif name == "center":
-        kw["lr"] = cfg.center_lr
-    return kw
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -11,28 +11,16 @@ import torch.nn as nn
 from .convnext import ConvNeXt, convnext_atto, convnext_nano, convnext_pico, convnext_t
 from .layers import check_options
 from .mobilenetv2 import MobileNetV2, mobilenetv2
+from .registry import BACKBONES
 from .resnet import ResNet, resnet18, resnet34, resnet50
-
-BACKBONES = {
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "convnext_t": convnext_t,
-    "convnext_nano": convnext_nano,
-    "convnext_pico": convnext_pico,
-    "convnext_atto": convnext_atto,
-    "mobilenetv2": mobilenetv2,
-}
-
 
 def build_backbone(
     name: str, *, width: float = 1.0, drop_path: float = 0.0, kernel_backend: str = "torch", **options
 ) -> nn.Module:
     """Build backbone ``name``; ``options`` go to its constructor (e.g. ``last_channels`` for mobilenetv2)."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    make = BACKBONES.get(name)
     check_options(width, drop_path)
-    return BACKBONES[name](width=width, drop_path=drop_path, kernel_backend=kernel_backend, **options)
+    return make(width=width, drop_path=drop_path, kernel_backend=kernel_backend, **options)
 
 
 __all__ = ["BACKBONES", "ConvNeXt", "MobileNetV2", "ResNet", "build_backbone"]

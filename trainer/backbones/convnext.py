@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from facefuse.trainer import ops
 
+from .registry import BACKBONES
 from .layers import DropPath, LayerNorm2d, check_options, drop_path_rates, make_divisible
 
 LAYER_SCALE_INIT = 1e-6
@@ -99,17 +100,21 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+@BACKBONES.register("convnext_t")
 def convnext_t(**kwargs) -> ConvNeXt:
     return ConvNeXt((3, 3, 9, 3), (96, 192, 384, 768), **kwargs)
 
 
+@BACKBONES.register("convnext_nano")
 def convnext_nano(**kwargs) -> ConvNeXt:
     return ConvNeXt((2, 2, 8, 2), (80, 160, 320, 640), **kwargs)
 
 
+@BACKBONES.register("convnext_pico")
 def convnext_pico(**kwargs) -> ConvNeXt:
     return ConvNeXt((2, 2, 6, 2), (64, 128, 256, 512), **kwargs)
 
 
+@BACKBONES.register("convnext_atto")
 def convnext_atto(**kwargs) -> ConvNeXt:
     return ConvNeXt((2, 2, 6, 2), (40, 80, 160, 320), **kwargs)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from facefuse.trainer.ops import check_backend
 
+from .registry import BACKBONES
 from .layers import DropPath, check_options, drop_path_rates, make_divisible
 
 # expansion t, channels c, repeats n, stride s of the first block (the paper's Table 2)
@@ -108,5 +109,6 @@ class MobileNetV2(nn.Module):
         return self.forward_features(x)
 
 
+@BACKBONES.register("mobilenetv2")
 def mobilenetv2(**kwargs) -> MobileNetV2:
     return MobileNetV2(**kwargs)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from facefuse.trainer.ops import check_backend
 
+from .registry import BACKBONES
 from .layers import DropPath, check_options, drop_path_rates, make_divisible
 
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -122,13 +123,16 @@ class ResNet(nn.Module):
         return self.forward_features(x)
 
 
+@BACKBONES.register("resnet18")
 def resnet18(**kwargs) -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
 
 
+@BACKBONES.register("resnet34")
 def resnet34(**kwargs) -> ResNet:
     return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
 
 
+@BACKBONES.register("resnet50")
 def resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
