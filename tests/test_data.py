@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_faces
+from helpers import write_faces
 from facefuse.trainer.augment import BatchMixer, build_train_transform, explicit_pipeline, check_pipeline
 from facefuse.trainer.config import AugmentConfig
 from facefuse.trainer.data import (FaceDataset, eval_transform, open_rgb, read_identity_list, scan_identities,

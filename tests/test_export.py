@@ -1,21 +1,17 @@
 """export.onnx_export and export.runtime: ONNX export parity with PyTorch, the metadata contract,
 both Embedder implementations, flip TTA and bad images."""
 
-import dataclasses
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 
+import helpers
 from facefuse.export import onnx_export
 from facefuse.export.onnx_export import export_onnx
 from facefuse.export.runtime import OnnxEmbedder, TorchEmbedder, load_embedder
-from facefuse.trainer.checkpoint import ModelMeta, save_model_file
-from facefuse.trainer.config import ModelConfig
 from facefuse.core.errors import FacefuseError
-from facefuse.trainer.model import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,34 +19,14 @@ def _one_thread(one_torch_thread):
     yield
 
 
-def make_model_file(path, backbone="resnet18", dim=32, size=64, seed=0, **meta_kw):
-    cfg = ModelConfig(backbone=backbone, embedding_dim=dim, image_size=size, width=0.25)
-    torch.manual_seed(seed)
-    model = build_model(cfg, 10)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode differs from identity
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    meta = ModelMeta.for_model(cfg, model, 10, meta_kw.pop("mean", (0.5, 0.4, 0.3)),
-                               meta_kw.pop("std", (0.2, 0.25, 0.3)))
-    save_model_file(path, model.eval(), dataclasses.replace(meta, **meta_kw))
-    return path
+def make_model_file(path, seed=0, **kw):
+    """The export tests' model: non-trivial BatchNorm statistics and a non-default mean/std."""
+    return helpers.make_model_file(path, seed=seed, random_bn=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), **kw)
 
 
-def make_images(folder, n=6, size=(80, 72), seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        low = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
-        im = Image.fromarray(low).resize(size, Image.BICUBIC)
-        if i % 3 == 1:
-            im = im.convert("L")  # grey images are converted to RGB by the loader
-        p = folder / f"img{i}.{'png' if i % 2 else 'jpg'}"
-        im.save(p)
-        paths.append(p)
-    return paths
+
+make_images = helpers.write_images
+
 
 
 @pytest.fixture(scope="module")
@@ -247,11 +223,9 @@ def test_cuda_runtimes_match_cpu(exported, model_file, images):
 
 
 def test_export_cli(tmp_path, model_file, images):
-    from click.testing import CliRunner
 
-    from facefuse.cli import main
 
-    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    run = helpers.run_cli
     ok = run("export", "--onnx", tmp_path / "m.onnx", "--checkpoint", model_file, "--exporter", "torchscript",
              "--check-images", images[0].parent)
     assert ok.exit_code == 0, ok.output

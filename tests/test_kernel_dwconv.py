@@ -4,7 +4,7 @@ with CUDA and no interpreter the same tests run on the GPU."""
 
 import pytest
 
-from conftest import kernel_devices
+from helpers import kernel_devices
 import torch
 
 from facefuse.kernels._common import INTERPRETING

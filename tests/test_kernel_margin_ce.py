@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from conftest import kernel_devices
+from helpers import kernel_devices
 import torch
 import torch.nn.functional as F
 

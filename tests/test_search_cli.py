@@ -6,11 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, make_model_file
-from click.testing import CliRunner
+from helpers import assert_one_line_error, make_model_file, run_cli, write_identities
 from PIL import Image
 
-from facefuse.cli import main
 from facefuse.export.runtime import TorchEmbedder
 
 
@@ -22,23 +20,12 @@ def _one_thread(one_torch_thread):
 
 
 def make_faces(root, names, per_id, seed=0, flat=False):
-    """Synthetic faces: a smooth random pattern per identity plus per-image noise."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name in names:
-        base = rng.normal(128, 50, (8, 8, 3))
-        out[name] = []
-        for j in range(per_id):
-            img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-            p = root / f"{name}_{j}.jpg" if flat else root / name / f"{j}.jpg"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).resize((70, 70), Image.BICUBIC).save(p)
-            out[name].append(p)
-    return out
+    return write_identities(root, names, per_id, seed=seed, size=70, layout="flat" if flat else "folders")
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+
+run = run_cli
+
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from facefuse import cli
-from conftest import write_faces
+from helpers import run_cli, write_faces
 from facefuse.trainer.checkpoint import load, load_embedding_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,8 +20,6 @@ TINY = ["--backbone", "resnet18", "--width", "0.25", "--embedding-dim", "16", "-
         "--workers", "0", "--no-progress", "--threads", "1"]
 
 
-def run_cli(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
 
 
 def test_train_end_to_end(faces, tmp_path):

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, make_model_file
+from helpers import assert_one_line_error, make_model_file, run_cli, write_identities
 from click.testing import CliRunner
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from facefuse.cli import main
@@ -25,25 +24,13 @@ def _one_thread(one_torch_thread):
 
 
 def make_identities(root, n_ids, per_id, seed=0, layout="lfw"):
-    """Synthetic faces: a smooth random pattern per identity, plus per-image noise."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in range(n_ids):
-        name = f"Person_{chr(65 + i)}"
-        base = rng.normal(128, 50, (8, 8, 3))
-        out[name] = []
-        for j in range(1, per_id + 1):
-            img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-            p = root / name / f"{name}_{j:04d}.jpg" if layout == "lfw" else root / f"{name}_{j}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).resize((72, 72), Image.BICUBIC).save(p)
-            out[name].append(p)
-    return out
+    names = [f"Person_{chr(65 + i)}" for i in range(n_ids)]
+    return write_identities(root, names, per_id, seed=seed, size=72, layout="lfw" if layout == "lfw" else "flat-png")
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
+
+run = run_cli
+
 
 
 @pytest.fixture(scope="module")

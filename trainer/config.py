@@ -363,7 +363,7 @@ def _validate_names(cfg: TrainConfig, check) -> None:
     from facefuse.trainer.losses import HEADS, PAIR_LOSSES, pair_loss_settings
     from facefuse.trainer.model import NECKS
 
-    m, l = cfg.model, cfg.loss
+    l = cfg.loss
     for key, registry in (("model.backbone", BACKBONES), ("model.neck", NECKS)):
         value = _get(cfg, key)
         check(value in registry, key, f"unknown {value!r}; valid: {', '.join(registry.names())}")

@@ -12,9 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from facefuse.core.errors import BadImageError, FacefuseError
 from facefuse.core.images import IGNORED_NAMES, IMAGE_EXTENSIONS, eval_transform, open_rgb  # noqa: F401
