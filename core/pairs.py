@@ -74,7 +74,7 @@ def read_pairs(path: str | Path, root: str | Path | None = None, ext: str = ".jp
     """Parse a pairs file of any supported format (see the module docstring)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
     except FileNotFoundError:
         raise FacefuseError(f"{path}: pairs file not found") from None
     except IsADirectoryError:

@@ -36,6 +36,18 @@ def test_lfw_view2(tmp_path, n_folds, per_side):
     assert p.paths_b[per_side] == tmp_path / "imgs" / "Q0_0" / "Q0_0_0002.jpg"
 
 
+def test_byte_order_mark_is_not_part_of_the_first_path(tmp_path):
+    """A pairs file saved by an editor that writes a UTF-8 BOM parses like the same file without it."""
+    plain = read_pairs(_write(tmp_path, "a/x.jpg b/y.jpg 1\nc/z.jpg d/w.jpg 0\n"), root=tmp_path)
+    p = tmp_path / "bom.txt"
+    p.write_bytes(b"\xef\xbb\xbf" + "a/x.jpg b/y.jpg 1\nc/z.jpg d/w.jpg 0\n".encode())
+    bom = read_pairs(p, root=tmp_path)
+    assert bom.paths_a == plain.paths_a == [tmp_path / "a" / "x.jpg", tmp_path / "c" / "z.jpg"]
+    lfw = tmp_path / "lfw.txt"
+    lfw.write_bytes(b"\xef\xbb\xbf" + _lfw_text(10, 3).encode())
+    assert read_pairs(lfw, root=tmp_path).format == "lfw"
+
+
 def test_lfw_dev_single_fold_default_root(tmp_path):
     p = read_pairs(_write(tmp_path, _lfw_text(1, 5), "pairsDevTest.txt"))
     assert p.format == "lfw-dev" and len(p) == 10
