@@ -140,3 +140,22 @@ def test_dataset_returns_tensor_label(faces):
     ds = FaceDataset(images, eval_transform(32, (0.5,) * 3, (0.5,) * 3))
     x, y = ds[7]
     assert x.shape == (3, 32, 32) and y == 1
+
+
+def test_decompression_bomb_is_a_bad_image_naming_the_file(tmp_path):
+    """A PNG whose header claims 60000 x 60000 pixels is refused before decoding, with one error
+    that names the file (not PIL's DecompressionBombError traceback)."""
+    import struct
+    import zlib
+
+    from facefuse.core.images import open_rgb as core_open_rgb
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)  # 8-bit RGB
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(BadImageError, match="bomb.png: too many pixels"):
+        core_open_rgb(bomb)
