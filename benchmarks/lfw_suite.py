@@ -2,7 +2,7 @@
 
 Every row is one ``benchmarks/lfw_protocol.py`` run with the same time budget, fold and base recipe
 (ResNet-18 x0.25, 64 px, 256-d, AdamW 3e-3, batch 128, one torch thread, one loader worker); rows
-differ only in what the table varies. ``--jobs 2`` runs two rows at once (one per core here); rows
+differ only in what the table varies. The recipes live in ``configs/lfw_suite.yaml``. ``--jobs 2`` runs two rows at once (one per core here); rows
 already in the results file are skipped unless ``--force``.
 
     python benchmarks/lfw_suite.py --group loss backbone --minutes 10 --jobs 2
@@ -24,70 +24,61 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from benchmarks.common import RESULTS_DIR, device_name, device_slug  # noqa: E402
 
-BASE = ("--backbone resnet18 --width 0.25 --image-size 64 --embedding-dim 256 --batch-size 128 --min-images 2 "
-        "--val-fraction 0.03 --threads 1 --workers 1 --lr 3e-3 --warmup-epochs 1").split()
+RECIPES_FILE = ROOT / "configs" / "lfw_suite.yaml"
 
-ARCFACE = "--loss arcface --scale 32 --margin 0.3".split()
-PK = "--sampler pk --pk 32 4".split()
 
-# row name -> train options added to BASE.
-LOSSES = {
-    "softmax": "--loss softmax".split(),
-    "softmax-ls": "--loss softmax --label-smoothing 0.1".split(),
-    "sphereface": "--loss sphereface --scale 32 --margin 1.35".split(),
-    "cosface": "--loss cosface --scale 32 --margin 0.25".split(),
-    "arcface": ARCFACE,
-    "arcface-s64-m0.5": "--loss arcface --scale 64 --margin 0.5".split(),  # the paper's setting
-    "triplet": ["--loss", "triplet", *PK],
-    "arcface+center": [*ARCFACE, "--pair-loss", "center", "--pair-weight", "1.0"],
-    "supcon": ["--loss", "supcon", *PK],
-}
-# Sequential: name -> (first stage, its share of the budget, options of the second stage). ArcFace for
-# 70% of the budget, then triplet fine-tuning of that model for the rest.
-SEQUENTIAL = {"arcface-then-triplet": ("arcface-stage1", 0.7, ["--loss", "triplet", *PK, "--lr", "3e-4",
-                                                              "--warmup-epochs", "0"])}
-BACKBONES = {
-    "convnext_atto-x0.5": ["--backbone", "convnext_atto", "--width", "0.5", *ARCFACE],
-    "mobilenetv2-x0.5": ["--backbone", "mobilenetv2", "--width", "0.5", *ARCFACE],
-}
-# Candidates for the default recipe, run at the 30-minute budget of the issue's CPU target: the best
-# backbone and loss of the 10-minute tables (no regulariser helped there), without and with geometric +
-# photometric augmentation (the ConvNeXt 10-minute run already reached train 0.99, held-out 0.70).
-CANDIDATE = ["--backbone", "convnext_atto", "--width", "0.5", *"--loss sphereface --scale 32 --margin 1.35".split()]
-RECIPES = {
-    "recipe/convnext-sphereface": CANDIDATE,
-    "recipe/convnext-sphereface-aug": [*CANDIDATE, *"--crop-scale 0.8 --color-jitter 0.2".split()],
-}
-# A second seed of a row, to see the run-to-run spread next to the differences between rows.
-REPEATS = {"loss/sphereface-seed1": [*LOSSES["sphereface"], "--seed", "1"]}
-REGULARISERS = {
-    "label-smoothing": "--label-smoothing 0.1".split(),
-    "mixup-cutmix": "--mixup 0.2 --cutmix 1.0".split(),
-    "stochastic-depth": "--drop-path 0.1".split(),
-    "ema": "--ema-decay 0.99".split(),
-}
+def merged(*mappings: dict) -> dict:
+    """Nested mappings merged left to right (a later value wins; sub-mappings merge)."""
+    out: dict = {}
+    for m in mappings:
+        for key, value in m.items():
+            out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def set_options(config: dict, prefix: str = "") -> list[str]:
+    """A nested config mapping as ``facefuse train`` options: ``--set dotted.key=value`` each."""
+    opts: list[str] = []
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "pair_options":
+            opts += set_options(value, f"{prefix}{key}.")
+        else:
+            opts += ["--set", f"{prefix}{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return opts
+
+
+def load_recipes(path: Path = RECIPES_FILE) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+RECIPES = load_recipes()
+BASE = set_options(RECIPES["base"])
+LOSSES = RECIPES["loss"]
 
 
 def plan(groups: list[str], base_row: str) -> list[tuple[str, float, list[str]]]:
-    """``(row name, budget share, train options)`` in run order (a stage precedes its sequel)."""
+    """``(row name, budget share, train options added to BASE)`` in run order (a stage precedes its
+    sequel), from ``configs/lfw_suite.yaml``."""
     rows: list[tuple[str, float, list[str]]] = []
     if "loss" in groups:
-        for name, (stage1, share, _) in SEQUENTIAL.items():
-            rows.append((f"loss/{stage1}", share, ARCFACE))
-        rows += [(f"loss/{name}", 1.0, opts) for name, opts in LOSSES.items()]
-        for name, (stage1, share, opts) in SEQUENTIAL.items():
-            rows.append((f"loss/{name}", 1.0 - share, [*opts, "--init-from", f"@loss/{stage1}"]))
+        for name, seq in RECIPES["sequential"].items():
+            rows.append((f"loss/{seq['first']['name']}", seq["first"]["share"], set_options(seq["first"]["config"])))
+        rows += [(f"loss/{name}", 1.0, set_options(cfg)) for name, cfg in LOSSES.items()]
+        for name, seq in RECIPES["sequential"].items():
+            rows.append((f"loss/{name}", 1.0 - seq["first"]["share"],
+                         [*set_options(seq["then"]), "--init-from", f"@loss/{seq['first']['name']}"]))
     if "backbone" in groups:
-        rows += [(f"backbone/{name}", 1.0, opts) for name, opts in BACKBONES.items()]
-    if "recipe" in groups:
-        rows += [(name, 1.0, opts) for name, opts in RECIPES.items()]
-    if "repeat" in groups:
-        rows += [(name, 1.0, opts) for name, opts in REPEATS.items()]
+        rows += [(f"backbone/{name}", 1.0, set_options(cfg)) for name, cfg in RECIPES["backbone"].items()]
+    for group in ("recipe", "repeat"):
+        if group in groups:
+            rows += [(name, 1.0, set_options(cfg)) for name, cfg in RECIPES[group].items()]
     if "regulariser" in groups:
-        base = LOSSES[base_row]
-        rows += [(f"regulariser/{base_row}+{name}", 1.0, [*base, *opts]) for name, opts in REGULARISERS.items()]
+        rows += [(f"regulariser/{base_row}+{name}", 1.0, set_options(merged(LOSSES[base_row], cfg)))
+                 for name, cfg in RECIPES["regulariser"].items()]
     return rows
 
 

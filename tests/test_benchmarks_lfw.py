@@ -249,3 +249,61 @@ def test_default_config_is_the_measured_recipe():
     # the time-budgeted run's epoch count is the default's
     assert default["optim"]["epochs"] == row["epochs_done"]
     assert row["minutes"] <= 30
+
+
+def _comparable(config: dict) -> dict:
+    """A stored or resolved config without the fields that belong to one run (paths, budget)."""
+    out = {}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            out[section] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()
+                            if k not in RUN_FIELDS.get(section, ())}
+        elif section not in RUN_FIELDS["top"]:
+            out[section] = values
+    return out
+
+
+def _effective(config: dict) -> dict:
+    """The pair loss's settings with its defaults filled in (``{}`` and the defaults spelled out agree)."""
+    from facefuse.trainer.losses import PAIR_LOSSES, pair_loss_settings
+
+    loss = dict(config["loss"])
+    in_use = loss["pair_loss"] or (loss["name"] if loss["name"] in PAIR_LOSSES else None)
+    if in_use:
+        loss["pair_options"] = {**pair_loss_settings(in_use), **loss["pair_options"]}
+    return {**config, "loss": loss}
+
+
+def _unused_by_row(diff: str, config: dict) -> bool:
+    """A difference in a setting the row's loss ignores (the logit scale of plain softmax or of a
+    pair loss alone), left by a default that changed after the row was measured."""
+    return diff.startswith("loss.scale:") and config["loss"]["name"] in ("softmax", "triplet", "supcon")
+
+
+def test_yaml_recipes_reproduce_the_stored_rows_configs():
+    """configs/lfw_suite.yaml is a faithful transcription: each row it plans resolves to the config
+    the committed results file stored for that row (the run's paths and budget aside)."""
+    doc = json.loads((lfw_report.RESULTS_DIR / "lfw_protocol-cpu2.json").read_text())
+    stored = {r["name"]: r["config"] for r in doc["results"] if r.get("config")}
+    checked = 0
+    for name, _, opts in lfw_suite.plan(["loss", "backbone", "recipe", "repeat", "regulariser"], "sphereface"):
+        if name not in stored or "--init-from" in opts:
+            continue
+        ctx = cli.train.make_context("train", ["--data", "/tmp/d", "--out", "/tmp/x", *lfw_suite.BASE, *opts])
+        overrides, sources = cli.train_overrides(ctx.params, ctx.params["pk"], ctx.params["settings"])
+        resolved = resolve_config(None, overrides, sources).to_dict()
+        want, got = _comparable(_effective(stored[name])), _comparable(_effective(resolved))
+        diffs = [f"{sec}.{k}: stored {v!r}, yaml {got[sec].get(k)!r}" for sec in want if isinstance(want[sec], dict)
+                 for k, v in want[sec].items() if got[sec].get(k) != v]
+        diffs += [f"{sec}: stored {want[sec]!r}, yaml {got[sec]!r}" for sec in want
+                  if not isinstance(want[sec], dict) and got[sec] != want[sec]]
+        assert not [d for d in diffs if not _unused_by_row(d, resolved)], (name, diffs)
+        checked += 1
+    assert checked >= 10
+
+
+def test_default_yaml_is_the_dataclass_default():
+    """configs/default.yaml spells out the default recipe; it must equal the dataclass defaults."""
+    from facefuse.trainer.config import TrainConfig
+
+    assert resolve_config(lfw_suite.ROOT / "configs" / "default.yaml") == TrainConfig()
