@@ -155,3 +155,18 @@ def test_train_help_lists_every_scalar_setting_with_its_dataclass_default():
         if base in (int, float, str, bool):
             assert f"[{key}; default: {default_of(f)}]" in flat, key
     assert "--lr FLOAT" in flat and "--kernels TEXT" in flat and "--ema-decay FLOAT" in flat
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.epochs", 2.5, "expected int, got 2.5"),
+    ("optim.epochs", True, "expected int, got True"),
+    ("data.skip_bad", "maybe", "expected bool, got 'maybe'"),
+    ("data.mean", [0.5, 0.5], "expected a list of 3 numbers"),
+    ("data.mean", ["a", "b", "c"], "expected a list of 3 numbers"),
+    ("loss.pair_options", "margin=0.3", "expected a mapping"),
+    ("model.backbone", ["resnet18"], "expected str"),
+    ("optim.lr", None, "must be set"),
+])
+def test_wrong_types_are_one_clear_error(key, value, message):
+    with pytest.raises(FacefuseError, match=f"--set {key}: {message}"):
+        resolve_config(None, {key: value}, {key: f"--set {key}"})

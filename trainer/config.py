@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ DEFAULT_RECIPE_ROW = "recipe/convnext-sphereface"
 
 def _f(default, help: str, **kw):
     """A config field with its help text (shown by ``facefuse train --help``)."""
-    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
+    if isinstance(default, (list, dict)):  # mutable: a fresh copy per config
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
@@ -159,45 +158,57 @@ _FIELDS = {key: (f, t) for key, f, t in leaf_fields()}
 
 def coerce(key: str, value: Any, where: str) -> Any:
     """``value`` as the type of setting ``key`` (YAML reads ``3e-3`` as a string, options give strings)."""
-    f, t = _FIELDS[key]
-    args = [a for a in typing.get_args(t) if a is not type(None)]
+    t = _FIELDS[key][1]
     optional = type(None) in typing.get_args(t)
-    base = args[0] if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union else t
+    base = next(a for a in typing.get_args(t) if a is not type(None)) if optional else t
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
         raise FacefuseError(f"{where}: must be set (got nothing)")
     try:
-        if base is bool:
-            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-                return value.lower() in ("true", "yes", "on", "1")
-            if isinstance(value, bool):
-                return value
+        return _as_type(base, value)
+    except (ValueError, TypeError):
+        raise FacefuseError(f"{where}: expected {_type_name(base)}, got {value!r}") from None
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _as_type(base, value):
+    """Strict conversion: no bool for a number, no fractional float for an int, no list for a str."""
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError
+    if isinstance(value, bool) and base in (int, float, str):
+        raise ValueError
+    if base is int:
+        if isinstance(value, float) and not value.is_integer():
             raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value, 10)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except ValueError:
-        raise FacefuseError(f"{where}: expected {base.__name__}, got {value!r}") from None
+        return int(value, 10) if isinstance(value, str) else int(value)
+    if base is float:
+        return float(value)
+    if base is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError
+        return str(value)
     origin = typing.get_origin(base) or base
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(base)):
-            raise FacefuseError(f"{where}: expected a list of {len(typing.get_args(base))} numbers, got {value!r}")
+            raise ValueError
         return tuple(float(v) for v in value)
-    if origin is dict and not isinstance(value, dict):
-        raise FacefuseError(f"{where}: expected a mapping, got {value!r}")
-    if origin is list and not isinstance(value, list):
-        raise FacefuseError(f"{where}: expected a list, got {value!r}")
+    if not isinstance(value, origin):  # dict or list settings
+        raise ValueError
     return value
+
+
+def _type_name(base) -> str:
+    origin = typing.get_origin(base) or base
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(base))} numbers"
+    return {dict: "a mapping", list: "a list"}.get(origin, getattr(origin, "__name__", str(origin)))
 
 
 def flatten(values: dict, where: str, prefix: str = "") -> dict[str, Any]:
@@ -290,7 +301,7 @@ def _split_mapping_key(key: str, label: str) -> tuple[str, str | None]:
     if key in _FIELDS:
         return key, None
     parent, _, entry = key.rpartition(".")
-    if parent in _FIELDS and typing.get_origin(_FIELDS[parent][1]) in (dict, None) and _FIELDS[parent][1] is dict:
+    if parent in _FIELDS and _FIELDS[parent][1] is dict:  # one entry of a mapping setting
         return parent, entry
     raise FacefuseError(f"{label}: unknown key {key!r}; {_suggest(key)}")
 
