@@ -115,7 +115,8 @@ class OnnxEmbedder(Embedder):
         except Exception as exc:  # ORT raises its own untyped exceptions for bad files
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise FacefuseError(f"{path}: not a valid ONNX model ({first})") from None
-        self.meta = meta_from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self.meta_props = dict(self.session.get_modelmeta().custom_metadata_map)  # all of it, facefuse.* and more
+        self.meta = meta_from_props(self.meta_props, str(path))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
