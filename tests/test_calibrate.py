@@ -277,3 +277,59 @@ def test_stale_thresholds_of_another_model_are_refused(faces, tmp_path):
     assert_one_line_error(run_cli("verify", pairs, "--model", b), "b.pt", "calibrated for model")
     shutil.copy(a, tmp_path / "c.pt")
     assert run_cli("verify", pairs, "--model", tmp_path / "c.pt").exit_code == 0
+
+
+# ---------------------------------------------------------------- benchmarks/calibration_transfer.py
+
+
+def test_transfer_benchmark_logic_against_brute_force():
+    """Calibrate on one half of the identities, measure on the other: every figure recomputed here
+    from the full score matrix (all pairs are few enough to enumerate, so no sampling)."""
+    from benchmarks.calibration_transfer import transfer
+
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(12), 5)
+    centres = rng.standard_normal((12, 16))
+    emb = centres[ids] + 1.2 * rng.standard_normal((ids.size, 16))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    official = (np.array([0, 5, 10, 0]), np.array([1, 6, 20, 30]), np.array([1, 1, 0, 0]))
+    rows, counts = transfer(emb, ids, fars=[0.1, 0.05], seed=4, official=official)
+    names = np.random.default_rng(4).permutation(np.unique(ids))
+    half = {"half A": np.isin(ids, names[:6]), "half B": np.isin(ids, names[6:])}
+
+    def scores(mask):
+        idx = np.flatnonzero(mask)
+        s = emb[idx] @ emb[idx].T
+        a, b = np.triu_indices(idx.size, 1)
+        same = ids[idx][a] == ids[idx][b]
+        return s[a, b][same], s[a, b][~same]
+
+    assert counts["half A"] == {"identities": 6, "images": 30, "genuine": 60, "impostors": 375}
+    for r in rows:
+        if r["measured_on"] == "official fold pairs":
+            g_cal, i_cal = scores(np.ones(ids.size, bool))
+            g, i = np.array([emb[0] @ emb[1], emb[5] @ emb[6]]), np.array([emb[10] @ emb[20], emb[0] @ emb[30]])
+        else:
+            g_cal, i_cal = scores(half[r["calibrated_on"]])
+            g, i = scores(half[r["measured_on"]])
+        t = _brute_threshold(i_cal, r["far"])
+        assert r["threshold"] == pytest.approx(t, abs=1e-6)
+        assert r["realised_far"] == pytest.approx(np.mean(i >= r["threshold"]))
+        assert r["realised_tar"] == pytest.approx(np.mean(g >= r["threshold"]))
+        assert r["cal_tar"] == pytest.approx(np.mean(g_cal >= r["threshold"]))
+    assert {(r["calibrated_on"], r["measured_on"]) for r in rows} == {
+        ("half A", "half B"), ("half B", "half A"), ("fold identities", "official fold pairs")}
+
+
+def test_transfer_benchmark_reads_the_fold_identities(tmp_path):
+    from benchmarks.calibration_transfer import fold_images
+
+    lfw = tmp_path / "lfw"
+    write_identities(lfw, ["Ann", "Bob", "Cid", "Dee"], 3, size=16, layout="lfw")
+    (lfw / "pairs.txt").write_text("2\t1\nAnn\t1\t2\nAnn\t1\tBob\t3\nCid\t2\t3\nCid\t1\tDee\t2\n")
+    paths, ids, (ia, ib, labels) = fold_images(lfw / "pairs.txt", lfw, 0)
+    assert [p.name for p in paths] == [f"{n}_{k:04d}.jpg" for n in ("Ann", "Bob") for k in (1, 2, 3)]
+    assert ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert [(paths[a].name, paths[b].name) for a, b in zip(ia, ib)] == [
+        ("Ann_0001.jpg", "Ann_0002.jpg"), ("Ann_0001.jpg", "Bob_0003.jpg")]
+    assert labels.tolist() == [1, 0]
