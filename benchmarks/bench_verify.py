@@ -129,7 +129,8 @@ def scale_run(n_pairs: int, n_images: int, dim: int, seed: int = 0) -> dict:
         t_csv = time.perf_counter() - t2
         total = time.perf_counter() - t0
     return {"pairs": n_pairs, "images": len(pairs.images), "dim": dim, "embeddings_mb": emb.nbytes / 2**20,
-            "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(), "peak_is_of_the_timed_part": reset, "parse_s": t_parse, "score_s": t_score,
+            "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(), "peak_is_of_the_timed_part": reset,
+            "parse_s": t_parse, "score_s": t_score,
             "metrics_s": t_metrics, "csv_s": t_csv, "total_s": total, "pairs_per_s": n_pairs / total,
             "score_pairs_per_s": n_pairs / t_score, "roc_auc": m["roc_auc"]}
 
