@@ -152,6 +152,9 @@ def export_cmd(onnx_out, checkpoint, fp16, opset, check_images, exporter):
                + (f" (dynamo failed: {r.fallback_reason})" if r.fallback_reason else ""))
     click.echo(f"parity vs PyTorch on {r.check_source} via {r.providers[0]}: min cosine {r.min_cosine:.7f} "
                f"(required >= {r.required_cosine}), max abs diff {r.max_abs_diff:.3g}")
+    if r.thresholds:
+        fars = ", ".join(f"{e['far']:g}" for e in r.thresholds)
+        click.echo(f"carried the calibrated thresholds (FAR {fars})")
 
 
 @main.command("quantize")
@@ -234,19 +237,21 @@ def index_add(index_dir, images, model, identity, batch_size, workers):
 @click.option("--index", "index_dir", required=True, type=click.Path(), help="Index folder from `index build`.")
 @click.option("--model", type=click.Path(), help=MODEL_HELP + " Default: the one the index was built with.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Distinct identities per query.")
-@click.option("--threshold", type=float, help="Cosine below which the answer is `unknown`.")
+@click.option("--threshold", type=float,
+              help="Cosine below which the answer is `unknown` (default: the model's calibrated threshold, if any).")
+@click.option("--far", type=float, help="Use the model's threshold calibrated at this false accept rate.")
 @click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists visited per query (default 16).")
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW candidates per query (default 64).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def search_cmd(images, index_dir, model, top_k, threshold, nprobe, ef_search, batch_size, workers, as_json):
+def search_cmd(images, index_dir, model, top_k, threshold, far, nprobe, ef_search, batch_size, workers, as_json):
     """Identify each face in IMAGES (files or folders) against a gallery index."""
     from facefuse.index.enroll import index_model_path, search_images
 
     embedder = _embedder(model or index_model_path(index_dir))
     results = search_images(images, index_dir, embedder, top_k=top_k, threshold=threshold, batch_size=batch_size,
-                            num_workers=workers, nprobe=nprobe, ef_search=ef_search)
+                            num_workers=workers, nprobe=nprobe, ef_search=ef_search, far=far)
     if as_json:
         click.echo(json.dumps(results, indent=1))
         return
@@ -259,16 +264,21 @@ def search_cmd(images, index_dir, model, top_k, threshold, nprobe, ef_search, ba
 @click.argument("pairs", type=click.Path())
 @click.option("--model", required=True, type=click.Path(), help=MODEL_HELP)
 @click.option("--root", type=click.Path(), help="Folder the image paths are relative to (default: the pairs file's).")
-@click.option("--out", "out_csv", type=click.Path(), help="Write per-pair scores to this CSV.")
-@click.option("--threshold", type=float, help="Cosine at or above which a pair is `same` (default with labels: best).")
+@click.option("--out", "out_csv", type=click.Path(), help="Write per-pair scores to this CSV (streamed).")
+@click.option("--threshold", type=float, help="Cosine at or above which a pair is `same` (default: the model's "
+              "calibrated threshold, else with labels the best-accuracy one).")
+@click.option("--far", type=float, help="Decide at the model's threshold calibrated at this false accept rate "
+              "(default: the stored one nearest 1e-3).")
 @click.option("--plot", type=click.Path(), help="Draw the ROC curve to this image (png, pdf, svg...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @click.option("--skip-missing", is_flag=True, help="Skip missing/unreadable images (and their pairs) with a count.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--flip", is_flag=True, help="Flip test-time augmentation: e(image) + e(mirror).")
-def verify_cmd(pairs, model, root, out_csv, threshold, plot, as_json, skip_missing, batch_size, workers, flip):
-    """Score every pair in PAIRS (LFW pairs.txt / pairsDev*.txt, or `path_a path_b [label]` lines)."""
+def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_missing, batch_size, workers, flip):
+    """Score every pair in PAIRS (LFW pairs.txt / pairsDev*.txt, or `path_a path_b [label]` lines).
+
+    Progress goes to stderr on a terminal; the summary reports pairs/s."""
     from pathlib import Path
 
     from facefuse.core.pairs import read_pairs
@@ -282,24 +292,75 @@ def verify_cmd(pairs, model, root, out_csv, threshold, plot, as_json, skip_missi
     parsed = read_pairs(pairs, root=root)
     if plot and parsed.labels is None:
         raise FacefuseError(f"--plot needs labels, and {pairs} has none")
-    r = verify_pairs(parsed, _embedder(model), batch_size=batch_size, num_workers=workers,
-                     flip_tta=flip, skip_missing=skip_missing, threshold=threshold)
-    if out_csv:
-        write_scores_csv(out_csv, r)
+    r = verify_pairs(parsed, _embedder(model), batch_size=batch_size, num_workers=workers, flip_tta=flip,
+                     skip_missing=skip_missing, threshold=threshold, far=far, progress=True,
+                     model_name=Path(model).name)
     if plot:
         plot_roc(plot, r)
-    summary = {"pairs": len(r.pairs), "scored_pairs": int(r.scored.sum()), "images": r.n_images,
+    if out_csv:
+        write_scores_csv(out_csv, r, progress=True)
+    scored = int(r.scored.sum())
+    summary = {"pairs": len(r.pairs), "scored_pairs": scored, "images": r.n_images,
                "skipped_images": r.n_skipped_images, "format": r.pairs.format, **(r.metrics or {})}
-    if r.metrics is None and r.threshold is not None:
+    if r.threshold is not None:
         dec = r.decisions()[r.scored]
-        summary.update(threshold=r.threshold, same=int(dec.sum()), different=int((1 - dec).sum()))
+        summary.update(threshold=r.threshold, threshold_source=r.threshold_source, same=int(dec.sum()),
+                       different=int((1 - dec).sum()))
+    if r.rates is not None:
+        summary.update(threshold_tar=r.rates["tar"], threshold_far=r.rates["far"],
+                       threshold_accuracy=r.rates["accuracy"])
+    if r.note:
+        summary["note"] = r.note
+    summary.update(seconds=r.seconds, pairs_per_s=scored / r.seconds if r.seconds > 0 else None)
     if as_json:
         click.echo(json.dumps(summary))
         return
     for key, value in summary.items():
-        click.echo(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
-    if r.metrics is None and r.threshold is None:
-        click.echo("no labels and no --threshold: scores only" + (f" (written to {out_csv})" if out_csv else ""))
+        if value is not None:
+            click.echo(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
+    if r.threshold is None:
+        click.echo(f"{'no labels, ' if r.pairs.labels is None else ''}no --threshold and no calibrated threshold "
+                   "in the model: scores only" + (f" (written to {out_csv})" if out_csv else ""))
+
+
+@main.command("calibrate")
+@click.argument("source", type=click.Path())
+@click.option("--model", required=True, type=click.Path(), help=MODEL_HELP + " Its file is updated in place.")
+@click.option("--far", "fars", type=float, multiple=True,
+              help="Target false accept rate (repeatable; default 1e-2 1e-3 1e-4, those the impostor count supports).")
+@click.option("--impostors", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Impostor pairs sampled from a folder SOURCE (all of them when there are fewer).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the impostor sample.")
+@click.option("--root", type=click.Path(), help="Folder a pairs file's image paths are relative to.")
+@click.option("--dry-run", is_flag=True, help="Compute and print the thresholds; do not write them into the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored record as JSON.")
+@click.option("--skip-missing", is_flag=True, help="Skip missing/unreadable images (and their pairs) with a count.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
+@click.option("--flip", is_flag=True, help="Flip test-time augmentation (use it at verify time too).")
+def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, skip_missing, batch_size, workers,
+                  flip):
+    """Calibrate decision thresholds at target false accept rates and store them in the model.
+
+    SOURCE is a labelled pairs file (any format `verify` reads) or a folder with one sub-folder of
+    images per identity (every genuine pair and a seeded sample of impostor pairs are formed)."""
+    from facefuse.index.calibrate import calibrate
+
+    rec = calibrate(source, model, fars=list(fars) or None, impostors=impostors, seed=seed, root=root,
+                    batch_size=batch_size, num_workers=workers, flip_tta=flip, skip_missing=skip_missing,
+                    progress=True, write=not dry_run)
+    if as_json:
+        click.echo(json.dumps(rec))
+        return
+    prov = rec["provenance"]
+    click.echo(f"calibrated on {prov['source']}: {prov['genuine_pairs']} genuine, {prov['impostor_pairs']} "
+               f"impostor pairs ({prov['images']} images)")
+    for e in rec["at_far"]:
+        click.echo(f"FAR {e['far']:<8g} threshold {e['threshold']:.6f}  TAR {e['tar']:.4f}  "
+                   f"(realised FAR {e['realised_far']:.3g}, {e['accepted_impostors']} impostors accepted)")
+    best = rec["best_accuracy"]
+    click.echo(f"best accuracy {best['accuracy']:.4f} at threshold {best['threshold']:.6f}")
+    click.echo("dry run: the model was not changed" if dry_run else f"stored in {model}")
 
 
 if __name__ == "__main__":

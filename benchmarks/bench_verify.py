@@ -12,11 +12,21 @@ DataLoader workers, overlapped with the model), the cosines and the metrics; the
 Both the in-process library call (``index.verify.verify_pairs``) and, with ``--cli``, the full
 ``facefuse verify`` command in a fresh interpreter (imports and model loading included) are timed.
 Writes benchmarks/results/verify-<device>.json.
+
+Scale mode (``--scale``, no images): a labelled pairs file of ``--scale-pairs`` (10^6) lines over
+``--scale-images`` (10^5) image names, and one synthetic unit embedding per image, go through what
+``verify`` does after embedding: parse the file, score every pair (chunked), the metrics, the
+streamed CSV. It reports peak resident memory (``getrusage``) next to the memory before the pairs
+were read, and pairs/s; memory should follow the images, not the pairs. Writes
+benchmarks/results/verify-scale-<device>.json.
+
+    python benchmarks/bench_verify.py --scale
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,7 +55,84 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=None, help="decoding workers (default: min(4, cores))")
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of throughput measurement")
     p.add_argument("--cli", action="store_true", help="also time `python -m facefuse.cli verify` in a subprocess")
+    p.add_argument("--scale", action="store_true", help="the bounded-memory scale run on synthetic embeddings")
+    p.add_argument("--scale-pairs", type=int, default=1_000_000)
+    p.add_argument("--scale-images", type=int, default=100_000)
+    p.add_argument("--scale-dim", type=int, default=256)
     return p.parse_args(argv)
+
+
+def rss_mb() -> float:
+    """Resident memory now (Linux /proc), MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so the peak measured is that of the part timed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (VmHWM), else of the whole process (getrusage), MB."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def scale_run(n_pairs: int, n_images: int, dim: int, seed: int = 0) -> dict:
+    """Parse, score, metrics and stream the CSV of ``n_pairs`` labelled pairs over ``n_images``
+    synthetic embeddings; time and memory of each part."""
+    import numpy as np
+
+    from facefuse.core import metrics
+    from facefuse.core.embed import l2_normalize
+    from facefuse.core.pairs import read_pairs
+    from facefuse.index.verify import VerifyResult, pair_scores, write_scores_csv
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, n_images // 4, n_images)  # ~4 images per identity
+    centres = rng.standard_normal((n_images // 4, dim)).astype(np.float32)
+    emb = l2_normalize(centres[ids] + 0.8 * rng.standard_normal((n_images, dim)).astype(np.float32))
+    ia, ib = rng.integers(0, n_images, n_pairs), rng.integers(0, n_images, n_pairs)
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs_file = Path(tmp) / "pairs.txt"
+        with open(pairs_file, "w") as f:
+            for lo in range(0, n_pairs, 1 << 16):
+                a, b = ia[lo:lo + (1 << 16)], ib[lo:lo + (1 << 16)]
+                f.writelines(f"img/{x:06d}.jpg\timg/{y:06d}.jpg\t{int(ids[x] == ids[y])}\n"
+                             for x, y in zip(a.tolist(), b.tolist()))
+        del ia, ib
+        before, reset = rss_mb(), reset_peak_rss()
+        t0 = time.perf_counter()
+        pairs = read_pairs(pairs_file)
+        t_parse = time.perf_counter() - t0
+        # the file names the images img/000000.jpg ... in first-seen order: map them to their rows
+        rows = np.array([int(p.stem) for p in pairs.images], dtype=np.int64)
+        t1 = time.perf_counter()
+        scores = pair_scores(emb[rows], pairs.ia, pairs.ib)
+        t_score = time.perf_counter() - t1
+        m = metrics.verification_metrics(scores, pairs.labels)
+        t_metrics = time.perf_counter() - t1 - t_score
+        result = VerifyResult(pairs, scores, ~np.isnan(scores), len(pairs.images), 0, m, m["best_threshold"])
+        t2 = time.perf_counter()
+        write_scores_csv(Path(tmp) / "scores.csv", result)
+        t_csv = time.perf_counter() - t2
+        total = time.perf_counter() - t0
+    return {"pairs": n_pairs, "images": len(pairs.images), "dim": dim, "embeddings_mb": emb.nbytes / 2**20,
+            "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(), "peak_is_of_the_timed_part": reset,
+            "parse_s": t_parse, "score_s": t_score,
+            "metrics_s": t_metrics, "csv_s": t_csv, "total_s": total, "pairs_per_s": n_pairs / total,
+            "score_pairs_per_s": n_pairs / t_score, "roc_auc": m["roc_auc"]}
 
 
 def random_model(backbone: str, runtime: str, folder: Path) -> Path:
@@ -80,9 +167,21 @@ def model_throughput(embedder, batch_size: int, min_time: float) -> float:
     return n * batch_size / (time.perf_counter() - t0)
 
 
+SCALE_COLUMNS = ["pairs", "images", "embeddings_mb", "rss_before_mb", "peak_rss_mb", "parse_s", "score_s",
+                 "metrics_s", "csv_s", "total_s", "pairs_per_s"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
+
+    if args.scale:
+        row = scale_run(args.scale_pairs, args.scale_images, args.scale_dim)
+        row["load_avg_1m"] = os.getloadavg()[0]
+        print_table([row], SCALE_COLUMNS)
+        settings = {k: v for k, v in vars(args).items() if k.startswith("scale")}
+        print(f"wrote {write_results('verify-scale', device_name('cpu'), settings, [row])}")
+        return
 
     from facefuse.export.runtime import load_embedder
     from facefuse.core.pairs import read_pairs

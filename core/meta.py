@@ -1,6 +1,7 @@
 """The contract of an embedding model, shared by every stage: the preprocessing (input size, mean,
-std, channel order), the embedding size, and a fingerprint of the weights (so an index refuses
-queries embedded by another model). Stored in model files, checkpoints and ONNX metadata."""
+std, channel order), the embedding size, a fingerprint of the weights (so an index refuses
+queries embedded by another model) and, once calibrated, the decision thresholds with their
+provenance. Stored in model files, checkpoints and ONNX metadata."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class ModelMeta:
     fingerprint: str = ""
     num_classes: int = 0
     model: dict = field(default_factory=dict)  # the full ModelConfig, to rebuild the network
+    thresholds: dict = field(default_factory=dict)  # calibrated decision thresholds (index.calibrate); {} if none
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -109,6 +109,44 @@ def best_threshold(scores, labels) -> tuple[float, float]:
     return float(_thresholds_between(s)[k]), float(acc[k])
 
 
+def threshold_at_far(impostor_scores, far: float) -> tuple[float, int]:
+    """The smallest float32 threshold ``t`` whose false accept rate on ``impostor_scores`` is at
+    most ``far``, and how many impostors it accepts (``score >= t``).
+
+    With ``n`` impostor scores and ``k = floor(far * n)`` accepts allowed, ``t`` is the next float32
+    above the ``(k+1)``-th highest score, so exactly the scores strictly above it are accepted. Ties:
+    impostors tied at that score are all rejected (accepting one would accept them all), so the
+    realised rate may be below ``far``; it never exceeds it. Scores are compared in float32, as
+    verification computes them.
+    """
+    s = np.asarray(impostor_scores, dtype=np.float32).ravel()
+    if s.size == 0:
+        raise FacefuseError("a threshold at a FAR needs impostor scores")
+    if not np.all(np.isfinite(s)):
+        raise FacefuseError("scores contain NaN or infinity")
+    if not 0.0 < far < 1.0:
+        raise FacefuseError(f"FAR must be in (0, 1), got {far}")
+    k = int(np.floor(far * s.size * (1 + 1e-12)))  # 0.29 * 100 is 28.999...96 in floats: count 29
+    boundary = np.partition(s, s.size - 1 - k)[s.size - 1 - k]  # the (k+1)-th highest
+    t = np.nextafter(boundary, np.float32(np.inf))
+    return float(t), int(np.count_nonzero(s >= t))
+
+
+def rates_at_threshold(scores, labels, threshold: float) -> dict:
+    """What deciding ``score >= threshold`` gives on labelled pairs, for whichever classes are
+    present: ``tar`` (None without same-person pairs), ``far`` (None without different-person
+    pairs), ``accuracy``, and the pair counts."""
+    s = np.asarray(scores, dtype=np.float32).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    accept = s >= np.float32(threshold)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return {"threshold": float(threshold),
+            "tar": float(accept[y].mean()) if n_pos else None,
+            "far": float(accept[~y].mean()) if n_neg else None,
+            "accuracy": float(np.mean(accept == y)) if y.size else None,
+            "genuine_pairs": n_pos, "impostor_pairs": n_neg}
+
+
 def accuracy(scores, labels, threshold: float) -> float:
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).ravel().astype(bool)

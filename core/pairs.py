@@ -23,6 +23,7 @@ Every malformed line raises :class:`FacefuseError` naming the file and the line 
 from __future__ import annotations
 
 import re
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,65 +36,103 @@ _LABELS = {"1": 1, "0": 0, "same": 1, "different": 0, "diff": 0, "true": 1, "fal
 
 @dataclass
 class Pairs:
-    """Parsed pairs: pair ``k`` compares ``paths_a[k]`` with ``paths_b[k]``.
+    """Parsed pairs: pair ``k`` compares ``images[ia[k]]`` with ``images[ib[k]]``.
 
-    ``labels`` (int8, 1 = same person) and ``folds`` (int64 fold index) are ``None`` when the
-    file has none. ``lines`` holds the 1-based line number of every pair in ``source``.
+    Only the distinct images are Python objects; everything per pair is a numpy array, so a file of
+    10^6 pairs over 10^5 images costs memory in proportion to the images (plus 8 bytes per pair and
+    array). ``labels`` (int8, 1 = same person) and ``folds`` (int64 fold index) are ``None`` when
+    the file has none. ``lines`` holds the 1-based line number of every pair in ``source``.
     """
 
     source: Path
     format: str
-    paths_a: list[Path]
-    paths_b: list[Path]
+    images: list[Path]      # every distinct image once, in first-seen order
+    ia: np.ndarray          # int64 index into images, per pair
+    ib: np.ndarray
     labels: np.ndarray | None
     folds: np.ndarray | None
     lines: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.paths_a)
+        return int(self.ia.size)
+
+    @property
+    def paths_a(self) -> list[Path]:
+        """First image of every pair (a new list: one object per pair; avoid on large files)."""
+        return [self.images[i] for i in self.ia.tolist()]
+
+    @property
+    def paths_b(self) -> list[Path]:
+        return [self.images[i] for i in self.ib.tolist()]
 
     def unique_paths(self) -> tuple[list[Path], np.ndarray, np.ndarray]:
         """Every distinct image once, in first-seen order, and each pair's two indices into it."""
-        index: dict[Path, int] = {}
-        for p in (*self.paths_a, *self.paths_b):
-            index.setdefault(p, len(index))
-        ia = np.array([index[p] for p in self.paths_a], dtype=np.int64)
-        ib = np.array([index[p] for p in self.paths_b], dtype=np.int64)
-        return list(index), ia, ib
+        return self.images, self.ia, self.ib
 
     def first_lines(self) -> dict[Path, int]:
         """The first line on which each image appears (for error messages)."""
-        first: dict[Path, int] = {}
-        for a, b, n in zip(self.paths_a, self.paths_b, self.lines.tolist()):
-            first.setdefault(a, n)
-            first.setdefault(b, n)
-        return first
+        first = np.full(len(self.images), np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(first, self.ia, self.lines)
+        np.minimum.at(first, self.ib, self.lines)
+        return dict(zip(self.images, first.tolist()))
 
 
-def read_pairs(path: str | Path, root: str | Path | None = None, ext: str = ".jpg") -> Pairs:
-    """Parse a pairs file of any supported format (see the module docstring)."""
-    path = Path(path)
+class _Interner:
+    """Distinct images by the text that names them: one Path per distinct image, an int per use."""
+
+    def __init__(self):
+        self.by_key: dict[str, int] = {}
+        self.by_path: dict[Path, int] = {}
+        self.images: list[Path] = []
+
+    def __call__(self, key: str, make_path) -> int:
+        i = self.by_key.get(key)
+        if i is None:
+            p = make_path()
+            i = self.by_path.setdefault(p, len(self.images))
+            if i == len(self.images):
+                self.images.append(p)
+            self.by_key[key] = i
+        return i
+
+
+def _rows(path: Path):
+    """``(line number, stripped text)`` of every non-empty, non-comment line, read as a stream."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first path
+            for n, line in enumerate(f, start=1):
+                s = line.strip()
+                if s and not s.startswith("#"):
+                    yield n, s
     except FileNotFoundError:
         raise FacefuseError(f"{path}: pairs file not found") from None
     except IsADirectoryError:
         raise FacefuseError(f"{path}: is a folder, expected a pairs file") from None
     except UnicodeDecodeError:
         raise FacefuseError(f"{path}: not a text file") from None
+
+
+def read_pairs(path: str | Path, root: str | Path | None = None, ext: str = ".jpg") -> Pairs:
+    """Parse a pairs file of any supported format (see the module docstring)."""
+    path = Path(path)
     base = Path(root) if root is not None else path.parent
-    rows = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
-    rows = [(n, s) for n, s in rows if s and not s.startswith("#")]
-    if not rows:
+    rows = _rows(path)
+    first = next(rows, None)
+    if first is None:
         raise FacefuseError(f"{path}: no pairs in the file")
-    head = rows[0][1].split()
+    head = first[1].split()
     if len(head) in (1, 2) and all(f.isdigit() for f in head):
         folds, per_side = (1, int(head[0])) if len(head) == 1 else (int(head[0]), int(head[1]))
         fmt = "lfw-dev" if len(head) == 1 else "lfw"
         if root is None and (path.parent / "lfw-112").is_dir():
             base = path.parent / "lfw-112"  # the aligned LFW images beside the official pairs files
-        return _read_lfw(path, fmt, rows[1:], folds, per_side, base, ext)
-    return _read_plain(path, rows, base)
+        return _read_lfw(path, fmt, rows, folds, per_side, base, ext)
+    return _read_plain(path, _chain(first, rows), base)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
 
 
 def _where(path: Path, line: int) -> str:
@@ -110,13 +149,17 @@ def _read_lfw(path, fmt, rows, n_folds, per_side, base, ext) -> Pairs:
     expected = 2 * n_folds * per_side
     if n_folds < 1 or per_side < 1:
         raise FacefuseError(f"{_where(path, 1)}: header needs positive counts, got {n_folds} x {per_side}")
-    if len(rows) != expected:
-        raise FacefuseError(
-            f"{path.name}: header says {n_folds} fold(s) x 2 x {per_side} = {expected} pairs, "
-            f"found {len(rows)} lines")
-    img = lambda name, i: base / name / f"{name}_{i:04d}{ext}"  # noqa: E731
-    paths_a, paths_b, labels, lines = [], [], [], []
-    for k, (n, s) in enumerate(rows):
+    intern = _Interner()
+
+    def img(name, i):
+        return intern(f"{name}\t{i}", lambda: base / name / f"{name}_{i:04d}{ext}")
+
+    ia, ib, lines = array("q"), array("q"), array("q")
+    k = 0
+    for n, s in rows:
+        if k >= expected:
+            k += 1  # too many lines: only counted, for the error below
+            continue
         f = s.split()
         if len(f) not in (3, 4):
             raise FacefuseError(f"{_where(path, n)}: expected 3 or 4 fields, got {len(f)}")
@@ -128,13 +171,19 @@ def _read_lfw(path, fmt, rows, n_folds, per_side, base, ext) -> Pairs:
             a, b = img(f[0], _lfw_index(path, n, f[1])), img(f[0], _lfw_index(path, n, f[2]))
         else:
             a, b = img(f[0], _lfw_index(path, n, f[1])), img(f[2], _lfw_index(path, n, f[3]))
-        paths_a.append(a)
-        paths_b.append(b)
-        labels.append(int(same))
+        ia.append(a)
+        ib.append(b)
         lines.append(n)
-    folds = np.arange(expected, dtype=np.int64) // (2 * per_side)
-    return Pairs(path, fmt, paths_a, paths_b, np.array(labels, dtype=np.int8), folds,
-                 np.array(lines, dtype=np.int64))
+        k += 1
+    if k != expected:
+        raise FacefuseError(
+            f"{path.name}: header says {n_folds} fold(s) x 2 x {per_side} = {expected} pairs, "
+            f"found {k} lines")
+    pos = np.arange(expected, dtype=np.int64)
+    labels = ((pos % (2 * per_side)) < per_side).astype(np.int8)
+    return Pairs(path, fmt, intern.images, np.frombuffer(ia, dtype=np.int64).copy(),
+                 np.frombuffer(ib, dtype=np.int64).copy(), labels, pos // (2 * per_side),
+                 np.frombuffer(lines, dtype=np.int64).copy())
 
 
 def _split(line: str) -> list[str]:
@@ -146,7 +195,8 @@ def _split(line: str) -> list[str]:
 
 
 def _read_plain(path, rows, base) -> Pairs:
-    paths_a, paths_b, labels, lines = [], [], [], []
+    intern = _Interner()
+    ia, ib, labels, lines = array("q"), array("q"), array("b"), array("q")
     has_label = None
     for n, s in rows:
         f = _split(s)
@@ -164,9 +214,9 @@ def _read_plain(path, rows, base) -> Pairs:
             if lab is None:
                 raise FacefuseError(f"{_where(path, n)}: label {f[2]!r} is not 1/0 or same/different")
             labels.append(lab)
-        paths_a.append(base / Path(f[0]).expanduser())
-        paths_b.append(base / Path(f[1]).expanduser())
+        ia.append(intern(f[0], lambda: base / Path(f[0]).expanduser()))
+        ib.append(intern(f[1], lambda: base / Path(f[1]).expanduser()))
         lines.append(n)
-    return Pairs(path, "plain", paths_a, paths_b,
-                 np.array(labels, dtype=np.int8) if has_label else None, None,
-                 np.array(lines, dtype=np.int64))
+    as_np = lambda a, t: np.frombuffer(a, dtype=t).copy()  # noqa: E731
+    return Pairs(path, "plain", intern.images, as_np(ia, np.int64), as_np(ib, np.int64),
+                 as_np(labels, np.int8) if has_label else None, None, as_np(lines, np.int64))

@@ -5,7 +5,8 @@ The graph maps ``input`` (B x 3 x S x S float32, preprocessed as the metadata sa
 float16 inside the graph but keeps float32 inputs and outputs. The preprocessing contract
 (``facefuse.image_size``, ``mean``, ``std``, ``channel_order``, ``embedding_dim``,
 ``fingerprint``, ``backbone``, plus ``exporter`` and ``dtype``) is stored in the model's
-``metadata_props``, so :class:`export.runtime.OnnxEmbedder` needs nothing else.
+``metadata_props``, so :class:`export.runtime.OnnxEmbedder` needs nothing else. A calibrated
+checkpoint's decision thresholds (``index.calibrate``) travel as ``facefuse.thresholds`` (JSON).
 
 The torch.export based exporter (``dynamo=True``) is tried first; if it fails, the TorchScript
 exporter is used and the report says so and why. Before the file is moved into place it must pass
@@ -49,6 +50,7 @@ class ExportReport:
     max_abs_diff: float
     required_cosine: float
     providers: list[str]
+    thresholds: list = None       # the calibrated FAR entries carried over from the checkpoint
 
 
 class _ExportWrapper(nn.Module):
@@ -90,7 +92,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, fp16: bool = False, 
             raise FacefuseError(f"export check failed: ONNX Runtime vs PyTorch cosine {min_cos:.6f} < {need} "
                                 f"on {len(batch)} images ({source}); nothing written")
     return ExportReport(out, used, reason, opset_used, dtype, source, len(batch), min_cos, max_abs,
-                        need, providers)
+                        need, providers, (meta.thresholds or {}).get("at_far", []))
 
 
 def _export(wrapper: nn.Module, size: int, path: Path, opset: int | None, exporter: str):

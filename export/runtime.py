@@ -82,7 +82,8 @@ def meta_to_props(meta: ModelMeta, **extra) -> dict[str, str]:
     """The preprocessing contract as ONNX ``metadata_props`` (string values)."""
     d = {"image_size": meta.image_size, "mean": list(meta.mean), "std": list(meta.std),
          "channel_order": meta.channel_order, "embedding_dim": meta.embedding_dim,
-         "fingerprint": meta.fingerprint, "backbone": meta.backbone, **extra}
+         "fingerprint": meta.fingerprint, "backbone": meta.backbone,
+         **({"thresholds": meta.thresholds} if meta.thresholds else {}), **extra}
     return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in d.items()}
 
 
@@ -92,7 +93,8 @@ def meta_from_props(props: dict[str, str], where: str) -> ModelMeta:
         return ModelMeta(backbone=g("backbone"), embedding_dim=int(g("embedding_dim")),
                          image_size=int(g("image_size")), mean=tuple(json.loads(g("mean"))),
                          std=tuple(json.loads(g("std"))), channel_order=g("channel_order"),
-                         fingerprint=g("fingerprint"))
+                         fingerprint=g("fingerprint"),
+                         thresholds=json.loads(props.get(META_PREFIX + "thresholds", "{}")))
     except (KeyError, ValueError) as exc:
         raise FacefuseError(f"{where}: ONNX model has no facefuse preprocessing metadata ({exc}); "
                             "export it with `facefuse export`") from None
@@ -145,6 +147,29 @@ class TorchEmbedder(Embedder):
     @torch.inference_mode()
     def _run(self, x: torch.Tensor) -> np.ndarray:
         return self.model(x.to(self.device)).float().cpu().numpy()
+
+
+def write_thresholds(path: str | Path, thresholds: dict) -> Path:
+    """Store calibrated thresholds in a model: an ONNX file's ``facefuse.thresholds`` metadata
+    prop, or a checkpoint / run folder's model file (``trainer.checkpoint.set_thresholds``). The
+    file is rewritten atomically, graph and weights unchanged. Returns the file written."""
+    path = Path(path)
+    if path.is_dir() or path.suffix in (".pt", ".pth", ".ckpt") or _is_zip(path):
+        from facefuse.trainer.checkpoint import set_thresholds
+
+        return set_thresholds(path, thresholds)
+    import onnx
+
+    from facefuse.core.files import atomic_path
+
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[META_PREFIX + "thresholds"] = json.dumps(thresholds)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return path
 
 
 def load_embedder(path: str | Path, *, device: str | None = None) -> Embedder:

@@ -79,15 +79,20 @@ def add_to_index_folder(index_dir: str | Path, images, embedder, *, identity: st
 
 def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5,
                   threshold: float | None = None, batch_size: int = 64, num_workers: int | None = None,
-                  nprobe: int | None = None, ef_search: int | None = None) -> list[dict]:
+                  nprobe: int | None = None, ef_search: int | None = None, far: float | None = None) -> list[dict]:
     """Identify each query image (folders expanded) against the gallery in one batched call.
-    Each result is :func:`index.gallery.search_gallery`'s dict plus the query ``path``."""
+    Each result is :func:`index.gallery.search_gallery`'s dict plus the query ``path`` and the
+    ``threshold`` below which the answer is ``unknown``: ``threshold`` if given, else the model's
+    calibrated one (at ``far``; :func:`index.calibrate.stored_threshold`), else none."""
+    from facefuse.index.verify import resolve_threshold
+
+    threshold, _ = resolve_threshold(embedder.meta, threshold, far, "the model")
     paths = expand_images(images)
     gallery = load_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
     emb, _ = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers,
                                   flip_tta=bool(gallery.params.get("flip_tta")))
     results = search_gallery(gallery, emb, top_k, threshold, nprobe=nprobe, ef_search=ef_search)
-    return [{"path": str(p), **r} for p, r in zip(paths, results)]
+    return [{"path": str(p), **r, "threshold": threshold} for p, r in zip(paths, results)]
 
 
 def index_model_path(index_dir: str | Path) -> Path:

@@ -160,3 +160,37 @@ def test_search_errors(setup, tmp_path):
     assert_one_line_error(run("search", faces["ann"][0], "--index", idx, "--model", model), "not a faiss index")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run("search", tmp_path / "empty", "--index", idx, "--model", model), "holds no images")
+
+
+def test_search_answers_unknown_below_the_calibrated_threshold(setup, tmp_path):
+    """With thresholds stored in the model, `unknown` is the default below the one nearest FAR 1e-3;
+    --far picks another stored one, --threshold overrides, --far on an uncalibrated model is an error."""
+    import shutil
+
+    from facefuse.export.runtime import load_embedder, write_thresholds
+
+    root, model, faces = setup
+    calibrated = tmp_path / "calibrated.pt"
+    shutil.copy(model, calibrated)
+    fp = load_embedder(calibrated).fingerprint
+    entry = lambda far, t: {"far": far, "threshold": t, "tar": 1.0, "realised_far": far,  # noqa: E731
+                            "accepted_impostors": 10}
+    write_thresholds(calibrated, {"version": 1, "at_far": [entry(1e-2, -1.0), entry(1e-3, 0.999)],
+                                  "best_accuracy": {"threshold": 0.5, "accuracy": 1.0},
+                                  "provenance": {"source": "hand-made", "fingerprint": fp}})
+    idx = tmp_path / "idx"
+    assert run("index", "build", root / "gallery", "--model", calibrated, "-o", idx).exit_code == 0
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(noise)
+    found = json.loads(run("search", faces["bob"][0], noise, "--index", idx, "--json").stdout)
+    assert found[0]["identity"] == "bob" and found[0]["threshold"] == 0.999
+    assert found[1]["identity"] == "unknown" and found[1]["score"] < 0.999
+    loose = json.loads(run("search", noise, "--index", idx, "--json", "--far", 0.01).stdout)
+    assert loose[0]["identity"] != "unknown" and loose[0]["threshold"] == -1.0
+    given = json.loads(run("search", noise, "--index", idx, "--json", "--threshold", -1).stdout)
+    assert given[0]["identity"] != "unknown"
+    assert_one_line_error(run("search", noise, "--index", idx, "--far", 1e-4), "--far 0.0001", "0.01, 0.001 only")
+    plain = tmp_path / "plain"
+    assert run("index", "build", root / "gallery", "--model", model, "-o", plain).exit_code == 0
+    assert json.loads(run("search", noise, "--index", plain, "--json").stdout)[0]["identity"] != "unknown"
+    assert_one_line_error(run("search", noise, "--index", plain, "--far", 1e-3), "no calibrated thresholds")

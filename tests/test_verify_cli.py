@@ -210,9 +210,47 @@ def test_option_errors(data, tmp_path):
                           "unsupported image format 'xyz'")
     assert_one_line_error(run("verify", tmp_path / "none.txt", "--model", model), "pairs file not found")
     assert_one_line_error(run("verify", pairs, "--model", tmp_path / "none.pt"), "no such model")
-    one_class = tmp_path / "one.txt"
-    one_class.write_text(f"{same[0][0]} {same[0][1]} 1\n")
-    assert_one_line_error(run("verify", one_class, "--model", model), "both same-person and different-person")
+
+
+@pytest.mark.parametrize("kind", ["same", "different"])
+def test_one_class_labels_still_score_and_report_the_rate_they_can(data, tmp_path, kind):
+    """All-genuine (or all-impostor) labelled pairs: scores, decisions at the threshold, the TAR (or
+    FAR) it gives, and a note on why the ROC metrics are absent; --plot (needs ROC) is refused."""
+    root, model, ids, same, diff = data
+    rows = same if kind == "same" else diff
+    pairs = tmp_path / "one.txt"
+    pairs.write_text("".join(f"{a} {b} {int(kind == 'same')}\n" for a, b in rows))
+    s = _independent_scores(model, [a for a, _ in rows], [b for _, b in rows])
+    t = float(np.median(s)) + 1e-4
+    res = run("verify", pairs, "--model", model, "--threshold", t, "--json", "--out", tmp_path / "o.csv")
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    rate, absent = ("threshold_tar", "threshold_far") if kind == "same" else ("threshold_far", "threshold_tar")
+    assert m[rate] == pytest.approx(np.mean(s >= t)) and m[absent] is None
+    assert "roc_auc" not in m and "need both kinds" in m["note"] and m["same"] == int(np.sum(s >= t))
+    assert [int(r["same"]) for r in csv.DictReader(open(tmp_path / "o.csv"))] == (s >= t).astype(int).tolist()
+    bare = run("verify", pairs, "--model", model)
+    assert bare.exit_code == 0 and "need both kinds" in bare.stdout and "scores only" in bare.stdout
+    assert_one_line_error(run("verify", pairs, "--model", model, "--plot", tmp_path / "r.png"), "both kinds")
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_csv_is_streamed_in_chunks(data, tmp_path, monkeypatch):
+    """Scores and CSV rows computed chunk by chunk equal the one-shot computation."""
+    from facefuse.index import verify as v
+
+    root, model, ids, same, diff = data
+    rows = [(a, b, 1) for a, b in same] + [(a, b, 0) for a, b in diff]
+    pairs = tmp_path / "p.txt"
+    pairs.write_text("".join(f"{a} {b} {y}\n" for a, b, y in rows))
+    whole = run("verify", pairs, "--model", model, "--out", tmp_path / "whole.csv", "--threshold", 0.5)
+    monkeypatch.setattr(v, "CHUNK", 3)
+    chunked = run("verify", pairs, "--model", model, "--out", tmp_path / "chunked.csv", "--threshold", 0.5)
+    assert whole.exit_code == chunked.exit_code == 0, whole.output + chunked.output
+    assert (tmp_path / "whole.csv").read_bytes() == (tmp_path / "chunked.csv").read_bytes()
+    table = list(csv.DictReader(open(tmp_path / "chunked.csv")))
+    assert len(table) == 20 and [int(r["label"]) for r in table] == [y for *_, y in rows]
+    assert "pairs_per_s" in chunked.stdout
 
 
 def test_debug_shows_the_exception(data, tmp_path):

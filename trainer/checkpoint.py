@@ -56,6 +56,19 @@ def save_model_file(path: str | Path, model: torch.nn.Module, meta: ModelMeta) -
     save(path, {"kind": "model", "meta": meta.to_dict(), "embedder": state})
 
 
+def set_thresholds(path: str | Path, thresholds: dict) -> Path:
+    """Store calibrated decision thresholds in the metadata of a model file, training checkpoint or
+    run folder (its ``model.pt``, else ``checkpoints/last.pt``), rewriting that file atomically.
+    The weights are untouched. Returns the file written."""
+    path = resolve_model_path(path)
+    payload = load(path)
+    if not isinstance(payload.get("meta"), dict):
+        raise FacefuseError(f"{path}: checkpoint has no model metadata to store thresholds in")
+    payload["meta"] = {**payload["meta"], "thresholds": thresholds}
+    save(path, payload)
+    return path
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """A run folder resolves to its ``model.pt`` (else ``checkpoints/last.pt``)."""
     path = Path(path)
