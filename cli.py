@@ -143,9 +143,15 @@ MODEL_HELP = "An exported .onnx file, or a facefuse checkpoint / run folder."
 @click.option("--check-images", type=click.Path(), help="Folder of images for the parity check (default: shared LFW).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
               help="auto tries dynamo first and falls back to TorchScript.")
-def export_cmd(onnx_out, checkpoint, fp16, opset, check_images, exporter):
+@click.option("--int8", "int8_out", type=click.Path(),
+              help="Also write an INT8 model here (needs --calib-images; see `facefuse quantize`).")
+@click.option("--calib-images", type=click.Path(), help="Face images that calibrate the INT8 model's ranges.")
+def export_cmd(onnx_out, checkpoint, fp16, opset, check_images, exporter, int8_out, calib_images):
     """Export the embedding model to ONNX (dynamic batch) and check it against PyTorch."""
     from facefuse.export.onnx_export import export_onnx
+
+    if int8_out and (fp16 or not calib_images):
+        raise click.UsageError("--int8 quantizes the float32 export: give --calib-images DIR, and not --fp16")
 
     r = export_onnx(checkpoint, onnx_out, fp16=fp16, opset=opset, check_images=check_images, exporter=exporter)
     click.echo(f"exported {r.path} ({r.dtype}, opset {r.opset}) with the {r.exporter} exporter"
@@ -155,6 +161,18 @@ def export_cmd(onnx_out, checkpoint, fp16, opset, check_images, exporter):
     if r.thresholds:
         fars = ", ".join(f"{e['far']:g}" for e in r.thresholds)
         click.echo(f"carried the calibrated thresholds (FAR {fars})")
+    if int8_out:
+        from facefuse.export.quantize import quantize_int8
+
+        _echo_quant(quantize_int8(r.path, int8_out, calib_images))
+
+
+def _echo_quant(r) -> None:
+    click.echo(f"wrote {r.path} (INT8 QDQ, {'+'.join(r.ops)}, {r.method} ranges on {r.n_calibration} images"
+               + (", 7-bit weights" if r.reduce_range else "") + (f", {r.skipped} unreadable skipped" if r.skipped else "")
+               + ")")
+    click.echo(f"check vs float32 on {r.n_check} held-out images: min cosine {r.min_cosine:.5f}, "
+               f"mean {r.mean_cosine:.5f}")
 
 
 @main.command("quantize")
@@ -173,12 +191,7 @@ def quantize_cmd(onnx_in, out, calib_images, n_images, calib_method, reduce_rang
     from facefuse.export.quantize import quantize_int8
 
     rr = {"auto": "auto", "on": True, "off": False}[reduce_range]
-    r = quantize_int8(onnx_in, out, calib_images, n_images=n_images, method=calib_method, reduce_range=rr)
-    click.echo(f"wrote {r.path} (INT8 QDQ, {'+'.join(r.ops)}, {r.method} ranges on {r.n_calibration} images"
-               + (f", 7-bit weights" if r.reduce_range else "") + (f", {r.skipped} unreadable skipped" if r.skipped else "")
-               + ")")
-    click.echo(f"check vs float32 on {r.n_check} held-out images: min cosine {r.min_cosine:.5f}, "
-               f"mean {r.mean_cosine:.5f}")
+    _echo_quant(quantize_int8(onnx_in, out, calib_images, n_images=n_images, method=calib_method, reduce_range=rr))
 
 
 def _embedder(model):

@@ -83,6 +83,17 @@ def test_quantize_cli_and_bad_calibration_inputs(exported, tmp_path):
                                   "--calib-images", faces), "missing.onnx")
 
 
+def test_export_writes_the_int8_model_beside_the_float32_one(exported, tmp_path):
+    onnx_path, faces = exported
+    checkpoint = onnx_path.parent / "m.pt"
+    r = run_cli("export", "--onnx", tmp_path / "f.onnx", "--checkpoint", checkpoint, "--check-images", faces,
+                "--int8", tmp_path / "i.onnx", "--calib-images", faces)
+    assert r.exit_code == 0, r.output
+    assert "INT8 QDQ" in r.output and OnnxEmbedder(tmp_path / "i.onnx").meta_props["facefuse.dtype"] == "int8"
+    r = run_cli("export", "--onnx", tmp_path / "g.onnx", "--checkpoint", checkpoint, "--int8", tmp_path / "j.onnx")
+    assert r.exit_code == 2 and "--calib-images" in r.output and not (tmp_path / "g.onnx").exists()
+
+
 def test_calibration_images_spread_over_the_folder(tmp_path):
     ids = write_identities(tmp_path, [f"id{i}" for i in range(10)], 4, size=16)
     picked = calibration_images(tmp_path, 10)
