@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from facefuse.core.images import is_image
 from facefuse.index.gallery import (Gallery, build_gallery, check_model, identity_from_name, load_gallery,
                                     read_meta, save_gallery, scan_gallery, search_gallery, update_gallery)
 from facefuse.core.errors import FacefuseError
@@ -48,6 +47,8 @@ def build_index_folder(gallery_dir: str | Path, embedder, model_path: str | Path
 
 def expand_images(items, option: str = "IMAGE") -> list[Path]:
     """Files as given, folders expanded to their images (recursively, sorted)."""
+    from facefuse.core.images import is_image  # imports torch: only when images are read
+
     out: list[Path] = []
     for item in items:
         p = Path(item)

@@ -31,7 +31,6 @@ import numpy as np
 
 from facefuse.core.errors import FacefuseError
 from facefuse.core.files import atomic_write_text
-from facefuse.core.images import is_image
 from facefuse.index import search as S
 
 INDEX_FILE = "index.faiss"  # link to the current generation
@@ -332,6 +331,8 @@ def identity_from_name(path: Path) -> str:
 def scan_gallery(folder: str | Path) -> tuple[list[Path], list[str]]:
     """Images and identities of a gallery folder: each sub-folder is one identity (its images, at
     any depth, belong to it); images directly in ``folder`` are named ``<identity>_<anything>``."""
+    from facefuse.core.images import is_image  # imports torch: only when images are read
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FacefuseError(f"{folder}: no such gallery folder")

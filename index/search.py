@@ -43,6 +43,7 @@ HNSW_EF_CONSTRUCTION = 80
 # (recall depends on nprobe far more) and ~10x cheaper than faiss's defaults at 1e6 vectors.
 IVF_TRAIN_POINTS_PER_LIST = 64
 IVF_TRAIN_ITERATIONS = 10
+PQ_MIN_TRAIN = 16                   # one training point per 4-bit centroid at the very least
 SQ_TRAIN_POINTS = 65_536            # scalar-quantiser ranges / PQ codebooks need few points
 ADD_CHUNK = 65_536                  # rows normalised and added at a time (bounded temporaries)
 AUTO_FLAT_MAX = 50_000              # exact search below this: ~1 ms per query at d=512 on one core
@@ -129,6 +130,9 @@ def resolve_params(kind: str, n: int, d: int, params: dict) -> dict:
         out["pq_m"] = given.get("pq_m") or default_pq_m(d)
         if d % out["pq_m"] or out["pq_m"] % 2:
             raise ValueError(f"pq_m must be even and divide the dimension {d}, got {out['pq_m']}")
+        if n < PQ_MIN_TRAIN:
+            raise ValueError(f"index kind {kind!r} needs at least {PQ_MIN_TRAIN} vectors to train its 4-bit "
+                             f"codebooks, got {n}; use flat")
     if "hnsw_m" in spec.build_params:
         out["hnsw_m"] = given.get("hnsw_m") or HNSW_M
         out["ef_construction"] = given.get("ef_construction") or HNSW_EF_CONSTRUCTION
