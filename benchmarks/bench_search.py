@@ -43,7 +43,6 @@ from benchmarks.common import RESULTS_DIR, device_name, print_table, write_resul
 
 CHUNK = 100_000
 ALL_KINDS = ["flat", "ivf", "hnsw", "ivfpq", "ivfpq-sq8", "hnsw-sq8"]  # index.search.KINDS
-TRAIN_ROWS = 262_144  # enough for 4096 lists x 64 points
 
 
 def parse_args(argv):
@@ -102,11 +101,26 @@ def chunks(n, d, data, rank, seed):
         yield s, _sample(np.random.default_rng([seed, c]), min(CHUNK, n - s), d, data, basis)
 
 
+def train_rows(n, d, args) -> int:
+    """Rows the requested kinds train on (kept for the whole run, so counted in ``rss_gb``)."""
+    from facefuse.index import search as S
+
+    need = 0
+    for kind in args.kinds:
+        if kind in ("flat", "hnsw"):
+            continue
+        p = S.resolve_params(kind, n, d, {"nlist": args.nlist} if "nlist" in S.KINDS.get(kind).build_params else {})
+        need = max(need, S.SQ_TRAIN_POINTS if kind != "ivf" else 0,
+                   S.IVF_TRAIN_POINTS_PER_LIST * p.get("nlist", 0))
+    return min(n, max(need, 1))
+
+
 def make_queries(n, d, args):
     """Queries at cosine ``query_cos`` to random gallery rows, the exact top-1 of each, and a
     training sample (the first rows: the data are i.i.d.)."""
     from facefuse.index.search import normalize
 
+    TRAIN_ROWS = train_rows(n, d, args)
     rng = np.random.default_rng([args.seed, 1 << 31])
     src = rng.integers(0, n, args.queries)
     basis = _basis(d, args.rank, args.seed) if args.data == "lowrank" else None
