@@ -202,47 +202,93 @@ def _embedder(model):
 
 @main.group("index")
 def index_group():
-    """Build and extend an on-disk gallery index (one folder: index.faiss + meta.json)."""
+    """Build and extend an on-disk gallery index (one folder: meta.json + the faiss index it names)."""
+
+
+KIND_NAMES = "auto, flat, ivf, hnsw, ivfpq, ivfpq-sq8, hnsw-sq8"  # index.search.KINDS (a test keeps them in step)
+
+
+def _index_options(command):
+    """Kind, build and search parameters of ``index build`` (stored in the index for searches)."""
+    for decls, kw in reversed([
+        (("--kind",), dict(default="auto", show_default=True, help=f"Index kind: {KIND_NAMES}. auto: flat up to "
+                           "50k vectors, else ivfpq (IVF + 4-bit fast-scan PQ, exact re-ranking), ivfpq-sq8 when "
+                           "the full vectors would exceed 4 GiB.")),
+        (("--nlist",), dict(type=click.IntRange(min=1), help="IVF lists (ivf: 4*sqrt(n); ivfpq*: sqrt(n), a power of 2).")),
+        (("--pq-m",), dict(type=click.IntRange(min=2), help="PQ sub-quantizers, 4 bits each (default dim/8).")),
+        (("--hnsw-m",), dict(type=click.IntRange(min=4), help="HNSW neighbours per node (default 32).")),
+        (("--nprobe",), dict(type=click.IntRange(min=1), help="Default IVF lists visited per query (ivf: 16; ivfpq*: nlist/4).")),
+        (("--k-factor",), dict(type=click.IntRange(min=1), help="Default re-ranked candidates per result, ivfpq* (8).")),
+        (("--ef-search",), dict(type=click.IntRange(min=1), help="Default HNSW candidates per query (64).")),
+    ]):
+        command = click.option(*decls, **kw)(command)
+    return command
 
 
 @index_group.command("build")
-@click.argument("gallery_dir", type=click.Path())
-@click.option("--model", required=True, type=click.Path(), help=MODEL_HELP)
+@click.argument("gallery_dir", type=click.Path(), required=False)
+@click.option("--model", type=click.Path(), help=MODEL_HELP + " Required with GALLERY_DIR; with --embeddings, "
+              "recorded (and its dimension checked) so `search` can default to it.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Index folder to write.")
-@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
-              help="flat: exact; ivf: IndexIVFFlat; hnsw: IndexHNSWFlat (M=32).")
-@click.option("--nlist", type=click.IntRange(min=1), help="IVF lists (default 4*sqrt(n)).")
-@click.option("--hnsw-m", type=click.IntRange(min=4), default=32, show_default=True, help="HNSW neighbours per node.")
+@click.option("--embeddings", type=click.Path(), help="Precomputed embeddings instead of GALLERY_DIR: a (n, d) float "
+              ".npy, or a folder of .npy shards read in file-name order.")
+@click.option("--labels", type=click.Path(), help="Identities of the --embeddings rows, in order: .txt (one per line), "
+              '.json (list, or {"identities": [...], "paths": [...]}) or .npy string array (n,) or (n, 2) identity, path.')
+@_index_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--flip", is_flag=True, help="Flip test-time augmentation (also used for later adds and searches).")
 @click.option("--skip-missing", is_flag=True, help="Skip unreadable images with a count instead of failing.")
-def index_build(gallery_dir, model, out_dir, kind, nlist, hnsw_m, batch_size, workers, flip, skip_missing):
-    """Enroll GALLERY_DIR (one folder per identity, or images named <identity>_<anything>.jpg)."""
-    from facefuse.index.enroll import build_index_folder
+def index_build(gallery_dir, model, out_dir, embeddings, labels, kind, nlist, pq_m, hnsw_m, nprobe, k_factor,
+                ef_search, batch_size, workers, flip, skip_missing):
+    """Enroll GALLERY_DIR (one folder per identity, or images named <identity>_<anything>.jpg), or
+    precomputed --embeddings with their --labels."""
+    from facefuse.index.enroll import build_index_folder, build_index_folder_from_embeddings, model_record
 
-    params = {"nlist": nlist} if kind == "ivf" else {"hnsw_m": hnsw_m} if kind == "hnsw" else {}
-    g, skipped = build_index_folder(gallery_dir, _embedder(model), model, out_dir, kind=kind, batch_size=batch_size,
-                                    num_workers=workers, flip_tta=flip, skip_missing=skip_missing, **params)
-    click.echo(f"indexed {len(g)} images of {len(g.names())} identities ({kind}, dim {g.dim}) into {out_dir}"
+    params = dict(nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m, nprobe=nprobe, k_factor=k_factor, ef_search=ef_search)
+    if embeddings or labels:
+        if gallery_dir or not (embeddings and labels):
+            raise FacefuseError("give GALLERY_DIR, or --embeddings with --labels (not both)")
+        record = model_record(_embedder(model), model) if model else None
+        g = build_index_folder_from_embeddings(embeddings, labels, out_dir, model=record, kind=kind, **params)
+        skipped = 0
+    else:
+        if not gallery_dir or not model:
+            raise FacefuseError("give GALLERY_DIR and --model, or --embeddings with --labels")
+        g, skipped = build_index_folder(gallery_dir, _embedder(model), model, out_dir, kind=kind, batch_size=batch_size,
+                                        num_workers=workers, flip_tta=flip, skip_missing=skip_missing, **params)
+    what = "embeddings" if embeddings else "images"
+    click.echo(f"indexed {len(g)} {what} of {len(g.names())} identities ({g.kind}, dim {g.dim}) into {out_dir}"
                + (f"; skipped {skipped} unreadable images" if skipped else ""))
 
 
 @index_group.command("add")
 @click.argument("index_dir", type=click.Path())
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, type=click.Path())
 @click.option("--model", type=click.Path(), help=MODEL_HELP + " Default: the one the index was built with.")
 @click.option("--identity", help="Identity of every image given (default: from folder / <identity>_ file names).")
+@click.option("--embeddings", type=click.Path(), help="Precomputed embeddings instead of IMAGES (as for `index build`).")
+@click.option("--labels", type=click.Path(), help="Identities of the --embeddings rows (as for `index build`).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
-def index_add(index_dir, images, model, identity, batch_size, workers):
-    """Enroll more IMAGES (files or gallery folders) into INDEX_DIR without rebuilding it."""
-    from facefuse.index.enroll import add_to_index_folder, index_model_path
+def index_add(index_dir, images, model, identity, embeddings, labels, batch_size, workers):
+    """Enroll more IMAGES (files or gallery folders), or --embeddings with --labels, into INDEX_DIR
+    without rebuilding it. Concurrent adds to one index serialise; none is lost."""
+    from facefuse.index.enroll import add_embeddings_to_index_folder, add_to_index_folder, index_model_path
 
-    embedder = _embedder(model or index_model_path(index_dir))
-    g, added = add_to_index_folder(index_dir, images, embedder, identity=identity, batch_size=batch_size,
-                                   num_workers=workers)
-    click.echo(f"added {added} images; {index_dir} now holds {len(g)} images of {len(g.names())} identities")
+    if embeddings or labels:
+        if images or not (embeddings and labels):
+            raise FacefuseError("give IMAGES, or --embeddings with --labels (not both)")
+        g, added = add_embeddings_to_index_folder(index_dir, embeddings, labels)
+        what = "embeddings"
+    else:
+        if not images:
+            raise FacefuseError("give IMAGES, or --embeddings with --labels")
+        embedder = _embedder(model or index_model_path(index_dir))
+        g, added = add_to_index_folder(index_dir, images, embedder, identity=identity, batch_size=batch_size,
+                                       num_workers=workers)
+        what = "images"
+    click.echo(f"added {added} {what}; {index_dir} now holds {len(g)} images of {len(g.names())} identities")
 
 
 @main.command("search")

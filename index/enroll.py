@@ -1,13 +1,25 @@
-"""Image folders in, gallery folders out: what ``facefuse index build|add`` and ``facefuse search``
-do, as functions over an :class:`export.runtime.Embedder`."""
+"""Image folders (or precomputed embeddings) in, gallery folders out: what ``facefuse index
+build|add`` and ``facefuse search`` do, as functions over an :class:`export.runtime.Embedder`.
+
+Precomputed embeddings (``--embeddings``) are a float ``.npy`` of shape ``(n, d)``, or a folder of
+such shards read in file-name order (name them so that order is right: ``part-00000.npy``, ...);
+they are memory-mapped, checked to be finite, and normalised and indexed in chunks. Their labels
+(``--labels``), one per row in the same order, are one of:
+
+``.txt``   one identity per line (no image paths);
+``.json``  a list of identities, or ``{"identities": [...], "paths": [...]}`` (paths optional);
+``.npy``   a string array of identities ``(n,)``, or of ``(identity, path)`` rows ``(n, 2)``.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from facefuse.core.images import is_image
-from facefuse.index.gallery import (Gallery, build_gallery, identity_from_name, load_gallery, read_meta,
-                           save_gallery, scan_gallery, search_gallery)
+import numpy as np
+
+from facefuse.index.gallery import (Gallery, build_gallery, check_model, identity_from_name, load_gallery,
+                                    read_meta, save_gallery, scan_gallery, search_gallery, update_gallery)
 from facefuse.core.errors import FacefuseError
 
 
@@ -18,7 +30,7 @@ def model_record(embedder, model_path: str | Path) -> dict:
 
 
 def build_index_folder(gallery_dir: str | Path, embedder, model_path: str | Path, out_dir: str | Path,
-                       *, kind: str = "flat", batch_size: int = 64, num_workers: int | None = None,
+                       *, kind: str = "auto", batch_size: int = 64, num_workers: int | None = None,
                        flip_tta: bool = False, skip_missing: bool = False, **params) -> tuple[Gallery, int]:
     """Embed every image of ``gallery_dir`` and write the index folder ``out_dir``.
     Returns the gallery and the number of images skipped (only with ``skip_missing``)."""
@@ -35,6 +47,8 @@ def build_index_folder(gallery_dir: str | Path, embedder, model_path: str | Path
 
 def expand_images(items, option: str = "IMAGE") -> list[Path]:
     """Files as given, folders expanded to their images (recursively, sorted)."""
+    from facefuse.core.images import is_image  # imports torch: only when images are read
+
     out: list[Path] = []
     for item in items:
         p = Path(item)
@@ -57,7 +71,9 @@ def add_to_index_folder(index_dir: str | Path, images, embedder, *, identity: st
     Folders among ``images`` follow the gallery layout (one sub-folder per identity, or files named
     ``<identity>_<anything>``); single files are named that way too, unless ``identity`` is given,
     which then applies to every image. Returns the gallery and the number of images added."""
-    gallery = load_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
+    index_dir = Path(index_dir)
+    meta = read_meta(index_dir)
+    check_model(meta, index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
     paths: list[Path] = []
     ids: list[str] = []
     for item in images:
@@ -71,10 +87,139 @@ def add_to_index_folder(index_dir: str | Path, images, embedder, *, identity: st
     if not paths:
         raise FacefuseError("no images to add")
     emb, _ = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers,
-                                  flip_tta=bool(gallery.params.get("flip_tta")))
-    gallery.add(emb, ids, paths)
-    save_gallery(gallery, index_dir)
+                                  flip_tta=bool(meta.get("params", {}).get("flip_tta")))
+    with update_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim) as gallery:
+        gallery.add(emb, ids, paths)
     return gallery, len(paths)
+
+
+# ---------------------------------------------------------------- precomputed embeddings
+
+
+class ShardedRows:
+    """Rows of several memory-mapped ``.npy`` files read as one ``(n, d)`` array, in file order.
+    Supports ``len``, ``shape`` and indexing by a slice or an array of row numbers."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.offsets = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.offsets[-1]), arrays[0].shape[1])
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        for s in np.unique(which):
+            m = which == s
+            out[m] = self.arrays[s][rows[m] - self.offsets[s]]
+        return out
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise FacefuseError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+    if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.floating):
+        raise FacefuseError(f"{path}: expected a non-empty 2-D float array of embeddings, got {x.dtype} {x.shape}")
+    return x
+
+
+def load_embeddings(path: str | Path, chunk: int = 65_536):
+    """Memory-mapped embeddings of a ``.npy`` file or a folder of ``.npy`` shards (file-name order),
+    checked: 2-D float, one dimension across shards, every value finite."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and not p.name.startswith("."))
+        if not files:
+            raise FacefuseError(f"--embeddings {path}: folder holds no .npy shards")
+        arrays = [_load_npy(f) for f in files]
+        for f, a in zip(files, arrays):
+            if a.shape[1] != arrays[0].shape[1]:
+                raise FacefuseError(f"{f}: {a.shape[1]}-d embeddings, but {files[0].name} holds {arrays[0].shape[1]}-d")
+    elif path.is_file():
+        files, arrays = [path], [_load_npy(path)]
+    else:
+        raise FacefuseError(f"--embeddings {path}: no such file or folder")
+    for f, a in zip(files, arrays):
+        for s in range(0, len(a), chunk):
+            bad = ~np.isfinite(a[s:s + chunk]).all(1)
+            if bad.any():
+                raise FacefuseError(f"{f}: row {s + int(np.argmax(bad))} holds a non-finite value (nan or inf)")
+    return arrays[0] if len(arrays) == 1 else ShardedRows(arrays)
+
+
+def read_labels(path: str | Path, n: int, source: str | Path = "the embeddings") -> tuple[list[str], list[str]]:
+    """``(identities, paths)`` of ``n`` embedding rows from a labels file (formats: module
+    docstring; paths are ``""`` where the file gives none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FacefuseError(f"--labels {path}: no such file")
+    paths = None
+    try:
+        if path.suffix == ".npy":
+            a = np.load(path, allow_pickle=False)
+            if a.dtype.kind not in "US" or a.ndim not in (1, 2) or (a.ndim == 2 and a.shape[1] != 2):
+                raise ValueError(f"expected a string array (n,) or (n, 2), got {a.dtype} {a.shape}")
+            ids = [str(v) for v in (a if a.ndim == 1 else a[:, 0])]
+            paths = None if a.ndim == 1 else [str(v) for v in a[:, 1]]
+        elif path.suffix == ".json":
+            doc = json.loads(path.read_text(encoding="utf-8-sig"))
+            if isinstance(doc, dict):
+                ids, paths = doc.get("identities"), doc.get("paths")
+            else:
+                ids = doc
+            if not isinstance(ids, list) or not all(isinstance(v, str) for v in ids + (paths or [])):
+                raise ValueError('expected a list of identities or {"identities": [...], "paths": [...]} of strings')
+        else:
+            ids = path.read_text(encoding="utf-8-sig").splitlines()
+            empty = [i + 1 for i, v in enumerate(ids) if not v.strip()]
+            if empty:
+                raise ValueError(f"line {empty[0]} is empty (one identity per line)")
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise FacefuseError(f"--labels {path}: {str(exc).splitlines()[0]}") from None
+    if len(ids) != n or (paths is not None and len(paths) != n):
+        got = len(ids) if len(ids) != n else len(paths)
+        raise FacefuseError(f"--labels {path}: {got} labels/paths for {n} embedding rows in {source}")
+    return ids, paths if paths is not None else [""] * n
+
+
+def _embeddings_and_labels(embeddings, labels):
+    x = load_embeddings(embeddings)
+    ids, paths = read_labels(labels, len(x), embeddings)
+    return x, ids, paths
+
+
+def build_index_folder_from_embeddings(embeddings: str | Path, labels: str | Path, out_dir: str | Path, *,
+                                       model: dict | None = None, kind: str = "auto", **params) -> Gallery:
+    """Index precomputed ``embeddings`` with their ``labels`` into ``out_dir`` (no images read).
+    ``model`` is the record of the model that made them (:func:`model_record`), if known."""
+    x, ids, paths = _embeddings_and_labels(embeddings, labels)
+    if model is not None and model.get("embedding_dim") not in (None, x.shape[1]):
+        raise FacefuseError(f"--embeddings {embeddings}: {x.shape[1]}-d rows but the model makes "
+                            f"{model['embedding_dim']}-d embeddings")
+    model = model or {"fingerprint": None, "embedding_dim": int(x.shape[1]), "backbone": None, "path": None}
+    gallery = build_gallery(x, ids, paths, model, kind, **params)
+    save_gallery(gallery, out_dir)
+    return gallery
+
+
+def add_embeddings_to_index_folder(index_dir: str | Path, embeddings: str | Path,
+                                   labels: str | Path) -> tuple[Gallery, int]:
+    """Enroll precomputed ``embeddings`` with their ``labels`` into an existing index folder."""
+    index_dir = Path(index_dir)
+    meta = read_meta(index_dir)
+    x, ids, paths = _embeddings_and_labels(embeddings, labels)
+    if x.shape[1] != meta.get("dim"):
+        raise FacefuseError(f"--embeddings {embeddings}: {x.shape[1]}-d rows but {index_dir} holds "
+                            f"{meta.get('dim')}-d embeddings")
+    with update_gallery(index_dir) as gallery:
+        gallery.add(x, ids, paths)
+    return gallery, len(x)
 
 
 def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5,
@@ -98,6 +243,8 @@ def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5,
 def index_model_path(index_dir: str | Path) -> Path:
     """The model an index folder was built with (for ``search`` without ``--model``)."""
     path = read_meta(index_dir).get("model", {}).get("path")
-    if not path or not Path(path).exists():
+    if not path:
+        raise FacefuseError(f"{index_dir}: built from embeddings without a model; pass --model")
+    if not Path(path).exists():
         raise FacefuseError(f"{index_dir}: the model it was built with ({path}) is not there; pass --model")
     return Path(path)

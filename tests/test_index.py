@@ -107,9 +107,11 @@ def test_gallery_round_trip_and_add(tmp_path, kind):
     first = 100
     g = build_gallery(x[:first], ids[:first], paths[:first], {**MODEL, "embedding_dim": 16}, kind)
     save_gallery(g, tmp_path / "idx")
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "meta.json"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [".lock", "index-000001.faiss", "index.faiss",
+                                                                     "meta.json"]
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     assert meta["count"] == first and meta["kind"] == kind and meta["dim"] == 16
+    assert meta["index_file"] == "index-000001.faiss" == (tmp_path / "idx" / "index.faiss").readlink().name
     loaded = load_gallery(tmp_path / "idx", fingerprint="abc123", dim=16)
     before = None
     if kind == "ivf":  # the trained quantizer is kept: add does not retrain
