@@ -1,16 +1,16 @@
 """Compile every autotune config of the Triton kernels offline for sm_90 (H100/H200) and sm_89 (L40).
 
 No GPU is needed: Triton's own compiler builds each config of the margin cross-entropy kernels
-(forward, dx, dw) and the depthwise 7x7 convolution kernels (forward, weight gradient) for each
+(forward, the one-pass backward) and the depthwise 7x7 convolution kernels (forward, weight gradient) for each
 target, and the cubin is read with the ``cuobjdump`` that ships with Triton
 (``triton/backends/nvidia/bin``). Per config and target it records the shared memory the kernel
 needs (and whether it fits the target's per-block limit), registers per thread, and spills (stack
-and local-memory bytes). A config that fails to compile there (too much shared memory, say) is a row
+and local-memory bytes), and the static SASS instruction mix by opcode family. A config that fails to compile there (too much shared memory, say) is a row
 with its error: the autotuner skips such configs on that GPU. The exit code is 1 when some kernel has
 no config that compiles and fits on some target (it could not run there), else 0.
 
     python benchmarks/aot_compile_check.py                          # bf16, every kernel, both targets
-    python benchmarks/aot_compile_check.py --dtype fp32 --kernels fwd dx --arch 89
+    python benchmarks/aot_compile_check.py --dtype fp32 --kernels fwd bwd --arch 89
     python benchmarks/aot_compile_check.py --kernels fwd \\
         --config BLOCK_B=64,BLOCK_C=64,BLOCK_K=64,num_warps=4,num_stages=3   # try a candidate
 
@@ -40,20 +40,20 @@ ARCH_NAMES = {90: "sm_90 (H100/H200)", 89: "sm_89 (L40)"}
 DIVISIBLE_BY_16 = {"D", "B", "stride_xb", "stride_wc", "C_PER_SPLIT", "P_PER_SPLIT", "NHW"}
 
 
-def margin_ce_kernels(ptr: str, prec: str | None) -> dict[str, tuple]:
-    """name -> (module, kernel attribute, signature, constexprs) of the margin cross-entropy kernels."""
+def margin_ce_kernels(ptr: str, prec: str | None, w_ptr: str | None = None) -> dict[str, tuple]:
+    """name -> (module, kernel attribute, signature, constexprs) of the margin cross-entropy kernels
+    (``w_ptr``: the weight's pointer type when it differs from x's, e.g. fp32 master weights)."""
     consts = {"INTERP": False, "DOT_PREC": prec}
-    fwd = dict(x_ptr=ptr, w_ptr=ptr, labels_ptr="*i64", inv_nx_ptr="*fp32", inv_nw_ptr="*fp32", zt_ptr="*fp32",
+    w_ptr = w_ptr or ptr
+    fwd = dict(x_ptr=ptr, w_ptr=w_ptr, labels_ptr="*i64", zt_ptr="*fp32", nx_ptr="*fp32", nw_ptr="*fp32",
                m_ptr="*fp32", l_ptr="*fp32", sz_ptr="*fp32", best_ptr="*fp32", arg_ptr="*i32", B="i32", C="i32",
-               D="i32", C_PER_SPLIT="i32", stride_xb="i32", stride_wc="i32", s="fp32")
-    bwd = dict(x_ptr=ptr, w_ptr=ptr, labels_ptr="*i64", nx_ptr="*fp32", lse_ptr="*fp32", zt_ptr="*fp32",
-               dphi_ptr="*fp32", g_ptr="*fp32", B="i32", C="i32", D="i32", stride_xb="i32", stride_wc="i32",
-               s="fp32", ls="fp32", ls_c="fp32", eps="fp32")
-    dx = dict(bwd, inv_nw_ptr="*fp32", dx_ptr="*fp32", C_PER_SPLIT="i32")
-    dw = dict(bwd, nw_ptr="*fp32", dw_ptr=ptr)
+               D="i32", C_PER_SPLIT="i32", stride_xb="i32", stride_wc="i32", s="fp32", eps="fp32")
+    bwd = dict(x_ptr=ptr, w_ptr=w_ptr, labels_ptr="*i64", nx_ptr="*fp32", nw_ptr="*fp32", lse_ptr="*fp32",
+               zt_ptr="*fp32", dphi_ptr="*fp32", g_ptr="*fp32", dx_ptr="*fp32", dw_ptr="*fp32", B="i32", C="i32",
+               D="i32", stride_xb="i32", stride_wc="i32", s="fp32", ls="fp32", ls_tile="fp32", ls_fix="fp32",
+               eps="fp32", filt_eps="fp32")
     return {"fwd": ("margin_ce", "_margin_ce_fwd_kernel", fwd, consts),
-            "dx": ("margin_ce", "_margin_ce_bwd_dx_kernel", dx, consts),
-            "dw": ("margin_ce", "_margin_ce_bwd_dw_kernel", dw, consts)}
+            "bwd": ("margin_ce", "_margin_ce_bwd_kernel", bwd, dict(consts, NEED_DX=True, NEED_DW=True))}
 
 
 def dwconv_kernels(ptr: str) -> dict[str, tuple]:
@@ -65,14 +65,15 @@ def dwconv_kernels(ptr: str) -> dict[str, tuple]:
             "convw": ("dwconv", "_dwconv7x7_bwd_w_kernel", bwd_w, {"HAS_BIAS": True})}
 
 
-KERNEL_NAMES = ("fwd", "dx", "dw", "conv", "convw")
+KERNEL_NAMES = ("fwd", "bwd", "conv", "convw")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="x and w operand dtype")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bf16w32"], default="bf16",
+                   help="x and w operand dtype (bf16w32: bf16 x with fp32 master weights, margin CE only)")
     p.add_argument("--kernels", nargs="+", choices=KERNEL_NAMES, default=list(KERNEL_NAMES),
-                   help="fwd/dx/dw: margin cross-entropy; conv/convw: depthwise 7x7 forward / weight gradient")
+                   help="fwd/bwd: margin cross-entropy; conv/convw: depthwise 7x7 forward / weight gradient")
     p.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_LIMIT, reverse=True), default=[90, 89],
                    help="compute capabilities to compile for")
     p.add_argument("--config", action="append", default=[], metavar="K=V,...",
@@ -133,7 +134,8 @@ def check_config(name: str, kernel, signature, constexprs, config, arch: int) ->
         return {**row, "compiled": False, "fits": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     shared = compiled.metadata.shared
     return {**row, "compiled": True, "fits": shared <= SHARED_LIMIT[arch], "shared_kb": round(shared / 1024, 1),
-            "shared_limit_kb": SHARED_LIMIT[arch] // 1024, **cubin_resources(compiled.asm["cubin"])}
+            "shared_limit_kb": SHARED_LIMIT[arch] // 1024, **cubin_resources(compiled.asm["cubin"]),
+            "sass": sass_mix(compiled.asm["cubin"])}
 
 
 def describe(row: dict) -> str:
@@ -145,8 +147,33 @@ def describe(row: dict) -> str:
 
 
 def kernel_specs(dtype: str) -> dict[str, tuple]:
+    if dtype == "bf16w32":
+        return margin_ce_kernels("*bf16", None, "*fp32")
     ptr = f"*{dtype}"
     return {**margin_ce_kernels(ptr, "tf32x3" if dtype == "fp32" else None), **dwconv_kernels(ptr)}
+
+
+# SASS opcode families counted per kernel (static counts over the whole kernel; loops are not
+# weighted by their trip counts): tensor-core MMAs, FMAs, global/shared memory, atomics, shuffles
+# and barriers are what the issue's instruction-mix statements are about.
+SASS_FAMILIES = {
+    "mma": ("HMMA", "HGMMA", "IMMA"), "ffma": ("FFMA",), "fadd": ("FADD",), "fmul": ("FMUL",),
+    "ldg": ("LDG",), "stg": ("STG",), "red_atom": ("RED", "REDG", "ATOM", "ATOMG"), "lds": ("LDS", "LDSM"),
+    "sts": ("STS", "STSM"), "shfl": ("SHFL",), "bar": ("BAR",), "ldgsts_tma": ("LDGSTS", "UTMALDG", "UBLKCP"),
+}
+
+
+def sass_mix(cubin: bytes) -> dict:
+    """Static SASS opcode counts of a cubin by family (``cuobjdump -sass``), and the total."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool_dir() / "cuobjdump"), "-sass", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", out)
+    counts = {fam: sum(1 for op in ops if op in names) for fam, names in SASS_FAMILIES.items()}
+    counts["total"] = len(ops)
+    return counts
 
 
 def load_kernels():
@@ -191,7 +218,8 @@ def main(argv=None) -> int:
     settings = dict(dtype=args.dtype, kernels=args.kernels, targets=[ARCH_NAMES[a] for a in args.arch],
                     shared_limit_kb={f"sm_{a}": SHARED_LIMIT[a] // 1024 for a in args.arch},
                     configs="given with --config" if candidates else "the kernels' autotune lists",
-                    tools="triton.compile (ASTSource, GPUTarget) and triton's cuobjdump --dump-resource-usage",
+                    tools="triton.compile (ASTSource, GPUTarget) and triton's cuobjdump --dump-resource-usage / -sass",
+                    sass="static opcode counts per family over the whole kernel (not weighted by trip counts)",
                     divisibility="pointers and " + ", ".join(sorted(DIVISIBLE_BY_16)) + " divisible by 16")
     path = write_results(f"aot_compile-{args.dtype}", device_name("cpu"), settings, rows)
     print(f"wrote {path}")

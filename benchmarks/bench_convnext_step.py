@@ -58,8 +58,9 @@ def make_step(backend: str, args, device):
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             emb = embed(trunk(images).mean(dim=(2, 3)))
-            # the fused loss wants one dtype: class weights cast to the bf16 embeddings, as autocast would
-            loss = ops.margin_cross_entropy(emb, classes.to(emb.dtype), labels, s=64.0, m1=1.0, m2=0.5, m3=0.0,
+            # fp32 master class weights as they are: the fused kernel casts its tiles to the bf16
+            # embeddings' dtype on load (no C x D bf16 copy), the reference computes in fp32
+            loss = ops.margin_cross_entropy(emb, classes, labels, s=64.0, m1=1.0, m2=0.5, m3=0.0,
                                             backend=backend)
         loss.backward()
         opt.step()

@@ -19,8 +19,14 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def pick_configs(gpu_configs: list[triton.Config], interp_config: triton.Config) -> list[triton.Config]:
     """The GPU autotune list, or the single config the interpreter can run (multi-config autotune
-    crashes under ``TRITON_INTERPRET=1``; small blocks also keep the interpreter fast)."""
-    return [interp_config] if INTERPRETING else gpu_configs
+    crashes under ``TRITON_INTERPRET=1``; small blocks also keep the interpreter fast). With
+    ``FACEFUSE_AUTOTUNE=0`` (read at import) only the first GPU config: tests on a GPU then compile one
+    config per kernel instead of autotuning every shape (benchmarks/gpu_check.py sets it for tests)."""
+    if INTERPRETING:
+        return [interp_config]
+    if os.environ.get("FACEFUSE_AUTOTUNE", "").strip() == "0":  # correctness runs: no autotuning
+        return gpu_configs[:1]
+    return gpu_configs
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:

@@ -19,25 +19,46 @@ Gradient (what the fused backward computes; the reference gets it from autograd)
     dw_j = (H_j - wh_j (wh_j . H_j)) / max(||w_j||, 1e-12),   H_j = sum_i dcos_ij xh_i
     (no projection term when the norm is below 1e-12, as for F.normalize), and xh_i . G_i =
     sum_j dcos_ij cos_ij, wh_j . H_j = sum_i dcos_ij cos_ij: the projections need only O(B), O(C) sums.
+    Both are linear in dcos, so each (row block, class block) tile adds its own complete share:
+    dx_i += sum_{j in tile} dcos_ij (wh_j - cos_ij xh_i) / nx_i,
+    dw_j += sum_{i in tile} dcos_ij (xh_i - cos_ij wh_j) / nw_j.
     Named settings (NormFace, ArcFace, CosFace, SphereFace): kernels/margin.py, MARGINS.
 
-Design of the fused path. The target logit is an O(B) quantity: the launcher gathers w_y and computes
-cos_iy, phi and dphi/dc on the host in float64 (so the margin branch and the clamp decisions are taken
-on exact values). The kernels never write a B x C tensor:
+Design of the fused path (no B x C tensor is ever allocated):
 
-- forward: programs over (row block, class split); each runs a K-looped tile GEMM x @ w^T, scales
-  by 1/||x||, 1/||w|| (O(B), O(C) vectors), substitutes the target logit and keeps an online
-  log-sum-exp, the logit sum (label smoothing) and the cos argmax. The O(B x splits) partials are
-  merged on the host. Saved for backward: lse, the norms, the target terms (all O(B) or O(C)).
-- backward dx: programs over (row block, class split, column chunk of D) recompute the cos tile,
-  form dcos and accumulate dcos @ wh[:, chunk] over their classes; the per-split partials
-  (splits x B x D, fp32) are summed on the host: deterministic, no atomics.
-- backward dW: programs over (class block, column chunk of D) own their rows of dW, loop over all
-  rows of x, and write dW in the input dtype directly (normalisation chain fused): no C x D fp32
-  buffer. Column chunks (BLOCK_DO) bound the accumulators for any D; when D > BLOCK_DO the cos
-  tiles are recomputed once per chunk (the autotuner weighs that against tile size).
-All accumulation is fp32; bf16/fp16 operands go to tensor cores as they are, fp32 operands as 3xTF32
-(near-fp32 accuracy).
+- target terms: O(B). The launcher gathers w_y and computes cos_iy, s*phi and dphi/dc on the host
+  side in float64 (device tensors, no sync), so the margin branch and clamp decisions are exact.
+- forward: one kernel, programs over (row block, class split), row block fastest (so the programs
+  sharing a W range run together and W comes from DRAM once). Each runs a K-looped tile GEMM
+  x @ w^T and, from the same tiles, the squared norms of its rows of x and w (no separate norm pass
+  over W); then the online log-sum-exp, the logit sum (label smoothing) and the cos argmax. The
+  O(B x splits) partials are merged with a few O(B) torch ops. Saved: ||x||, ||w||, lse, target terms.
+- backward: ONE kernel, programs over (row block, class block) tiles, row block fastest. Each
+  recomputes its cosine tile once (1 GEMM-equivalent in all), forms dcos, and then, per chunk of D
+  columns, adds its dx share (dcos @ w[cols, chunk], 1 GEMM-eq) and its dW share
+  (dcos^T @ x[rows, chunk], 1 GEMM-eq), normalisation chain included, with fp32 atomic adds into
+  fp32 buffers (B x D for dx, C x D for dW; with fp32 master weights that buffer is the gradient).
+  Atomics were chosen over a two-stage reduction: a deterministic split of C for dx would need
+  splits x B x D partials and one of B for dW splits x C x D (GBs at C = 1e6); the atomic order
+  is not deterministic, so results vary in the last bits (the tests use tolerances).
+- gradient filtering (``grad_filter``, off by default; Cut Cross-Entropy's rule): a tile whose
+  softmax probabilities are all below eps and that holds no target skips both GEMMs (its dcos
+  entries are below s*g*eps). Default eps = finfo(compute dtype).eps / 32: 2^-12 for bf16 (CCE's
+  value), 2^-15 for fp16, 2^-28 for fp32 (a probability that small is below 1/32 of the dtype's
+  rounding of an O(1) gradient term; the dots round dcos to that dtype anyway). With label smoothing
+  the uniform term -eps_ls/C (on every entry, it would keep every tile) is removed from the tiles
+  and added analytically: dx_i += -s g_i eps_ls/C (ws - xh_i (xh_i . ws)) / nx_i with ws = sum_j wh_j,
+  dw_j += -s eps_ls/C (xg - wh_j (wh_j . xg)) / nw_j with xg = sum_i g_i xh_i (the target entry's
+  slope dphi != 1 is corrected inside its tile). ws comes from a pass over W that also initialises
+  dW with its term (one extra read of W, only when filtering with label smoothing).
+  Caveat: early in training p ~ 1/C everywhere and most tiles fall under eps, so filtering drops
+  the non-target gradient mass; that is why it is off by default.
+- dtypes: x is fp32/bf16/fp16; w is x's dtype or fp32 (fp32 master weights under autocast: the
+  kernels cast W tiles to x's dtype on load, so no C x D copy of W is made or kept). Dots in x's
+  dtype (bf16/fp16 on tensor cores; fp32 as 3xTF32), all accumulation fp32.
+- no host sync: the label range is checked on the device (an out-of-range label makes the loss NaN);
+  the raising check (one ``aminmax`` + ``int``) runs for CPU tensors or with ``check_labels=True``.
+Work per call: :func:`margin_ce_work` (GEMM-equivalents and bytes, forward and backward).
 """
 
 from __future__ import annotations
@@ -62,69 +83,94 @@ from facefuse.kernels._common import (
 from facefuse.kernels.margin import target_logit, target_slope
 
 NORM_EPS = 1e-12  # F.normalize's eps
-_SPLIT_GRANULE = 64 if INTERPRETING else 256  # classes per split are a multiple of this
-_MAX_DX_SPLITS = 32  # bounds the splits x B x D fp32 partial buffer of the dx kernel
+_SPLIT_GRANULE = 64 if INTERPRETING else 256  # classes per forward split are a multiple of this
 
 # Autotune lists, checked by compiling offline (no GPU) for sm_89 (NVIDIA L40, ~99 KB shared memory
-# per block) and sm_90 (H100/H200, ~227 KB). Comments give the shared memory each needs there (bf16,
-# D=512); a config that does not fit a GPU fails to compile on it and the autotuner skips it.
-# fp32 operands (3xTF32) need 1.5-3x more: on the L40 only the 64 x 64 forward tiles fit then.
+# per block) and sm_90 (H100/H200, ~227 KB): benchmarks/aot_compile_check.py. A config that does
+# not fit a GPU fails to compile on it and the autotuner skips it.
+# Spill-free on both targets with bf16 operands and with bf16 x / fp32 W (the 128 x 128 and 64 x 256
+# forward tiles spilled once the norm sums were added; the 128 x 128 backward tile spills too).
 _FWD_CONFIGS = pick_configs(
     [
-        # BLOCK_B x BLOCK_C cosine tile, K loop over D in BLOCK_K steps
-        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),  # L40 32K / H 48K
-        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),  # L40 48K / H 64K
-        triton.Config({"BLOCK_B": 64, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # L40 48K / H 72K
-        triton.Config({"BLOCK_B": 128, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # L40 48K / H 72K
-        triton.Config({"BLOCK_B": 128, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # L40 64K / H 96K
-        triton.Config({"BLOCK_B": 128, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),  # L40 96K / H 128K
-        triton.Config({"BLOCK_B": 64, "BLOCK_C": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # L40 80K / H 120K
-        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),  # fp32 L40 48K/H 56K
+        # BLOCK_B x BLOCK_C cosine tile, K loop over D in BLOCK_K steps         shared memory (bf16, sm_90)
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),  # 32 KB
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),  # 48 KB
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # 48 KB
+        triton.Config({"BLOCK_B": 128, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),  # 48 KB
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),  # 16 KB, fp32
     ],
     triton.Config({"BLOCK_B": 16, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=1, num_stages=1),
 )
-# Backward: BLOCK_B x BLOCK_C cosine tile (K loop in BLOCK_K steps) and BLOCK_DO output columns per
-# program (D / BLOCK_DO programs share, and recompute, each cosine tile). bf16 at D=512: all fit both
-# GPUs without spilling (<= 66 KB on either); fp32 spills in most, except the BLOCK_K=32 ones.
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 64, "BLOCK_DO": 512}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 16, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_DO": 512}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 64, "BLOCK_C": 32, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 32, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 32, "BLOCK_DO": 256}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 32, "BLOCK_DO": 128}, num_warps=4, num_stages=2),  # fp32
-]
-_BWD_INTERP_CONFIG = triton.Config({"BLOCK_B": 16, "BLOCK_C": 32, "BLOCK_K": 32, "BLOCK_DO": 32}, num_warps=1,
-                                   num_stages=1)
-_BWD_DX_CONFIGS = pick_configs(_BWD_CONFIGS, _BWD_INTERP_CONFIG)
-_BWD_DW_CONFIGS = pick_configs(_BWD_CONFIGS, _BWD_INTERP_CONFIG)
-_NORM_BLOCK_R, _NORM_BLOCK_D = (16, 32) if INTERPRETING else (16, 128)
+# Backward: BLOCK_B x BLOCK_C cosine tile (K loop in BLOCK_K steps), then the dx / dW shares in
+# chunks of BLOCK_D columns. The interpreter config is deliberately not a divisor of the test shapes.
+_BWD_CONFIGS = pick_configs(
+    [                                                                                      # smem sm_90 / sm_89
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2),  # 32/32
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),  # 64/64
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 128, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),  # 72/72
+        triton.Config({"BLOCK_B": 128, "BLOCK_C": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),  # 72/72
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 128, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),  # 72/72
+        triton.Config({"BLOCK_B": 128, "BLOCK_C": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),  # 56/72
+        triton.Config({"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=3),  # 32/40
+    ],
+    triton.Config({"BLOCK_B": 16, "BLOCK_C": 32, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=1, num_stages=1),
+)
+_LS_BLOCK_C, _LS_BLOCK_D = (16, 16) if INTERPRETING else (32, 128)  # label-smoothing pass over W
+
+
+def filter_threshold(dtype: torch.dtype) -> float:
+    """Default gradient-filter threshold for a compute dtype: ``finfo(dtype).eps / 32`` (bf16:
+    2^-12, Cut Cross-Entropy's value; fp16: 2^-15; fp32: 2^-28)."""
+    return torch.finfo(dtype).eps / 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Work counts (a model of what the launchers below run; tested in tests/test_kernel_margin_ce.py)
+# ----------------------------------------------------------------------------------------------
+def margin_ce_work(B: int, C: int, D: int, *, x_dtype=torch.bfloat16, w_dtype=None, label_smoothing=0.0,
+                   grad_filter=False, kept_fraction=1.0, need_dx=True, need_dw=True) -> dict:
+    """GEMM-equivalents (1 = 2*B*C*D FLOPs) and DRAM bytes of one fused forward, one backward and
+    both, as the launchers run them.
+
+    ``kept_fraction``: the share of (row block, class block) tiles the gradient filter keeps (1.0:
+    none skipped, the worst case; ignored without ``grad_filter``). Bytes assume, as the launch
+    order is built for, that the programs sharing a W range run together so W tiles come from DRAM
+    once per pass ("w_reads" counts those passes); x, the O(B)/O(C) vectors and the partials are
+    small. fp32 atomic adds are counted in "atomic_adds" (elements) and, as DRAM traffic, as one
+    read and one write of each fp32 buffer (the adds to one element are issued close in time and
+    merge in L2): an estimate, not a measurement.
+    """
+    w_dtype = w_dtype or x_dtype
+    xb, wb = torch.finfo(x_dtype).bits // 8, torch.finfo(w_dtype).bits // 8
+    gemm = 2.0 * B * C * D
+    kept = kept_fraction if grad_filter else 1.0
+    analytic_ls = bool(grad_filter) and label_smoothing > 0
+
+    fwd = dict(gemm_eq=1.0, w_reads=1, bytes=C * D * wb + B * D * xb + 4 * (B + C))
+    # backward: recompute (1) + dx share (1) + dW share (1), the last two only on kept tiles
+    gemm_bwd = 1.0 + kept * (int(need_dx) + int(need_dw))
+    w_reads = 1 + (1 if (need_dx or need_dw) and kept > 0 else 0) + (1 if analytic_ls else 0)
+    bwd_bytes = w_reads * C * D * wb + 2 * B * D * xb
+    atomic = 0.0
+    if need_dx:
+        atomic += kept * B * D * math.ceil(C / 64)  # 64: the smallest BLOCK_C of the GPU configs
+        bwd_bytes += 2 * 4 * B * D + B * D * xb  # fp32 buffer (zero, adds) + the cast to x's dtype
+    if need_dw:
+        atomic += kept * C * D * math.ceil(B / 64)
+        bwd_bytes += 2 * 4 * C * D + 4 * C * D  # zero-fill + read-modify-write of the fp32 buffer
+        if wb != 4:
+            bwd_bytes += 4 * C * D + C * D * wb  # the cast to w's dtype
+    bwd = dict(gemm_eq=gemm_bwd, w_reads=w_reads, bytes=bwd_bytes, atomic_adds=atomic)
+    total = dict(gemm_eq=fwd["gemm_eq"] + bwd["gemm_eq"], w_reads=fwd["w_reads"] + bwd["w_reads"],
+                 bytes=fwd["bytes"] + bwd["bytes"], atomic_adds=atomic)
+    for part in (fwd, bwd, total):
+        part["flops"] = part["gemm_eq"] * gemm
+    return dict(fwd=fwd, bwd=bwd, total=total)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _row_norm_kernel(
-    a_ptr, out_ptr,  # pointers: R x D input (row stride, unit column stride), R fp32 output
-    R, D,  # shapes
-    stride_r,  # strides
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,  # meta
-):
-    # ||a_r||_2 in fp32 for a block of rows, looping over D.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_r + ds[None, :]
-        v = tl.load(ptrs, mask=row_ok[:, None] & (ds < D)[None, :], other=0.0).to(tl.float32)
-        acc += v * v
-    tl.store(out_ptr + rows, tl.sqrt(tl.sum(acc, axis=1)), mask=row_ok)
-
-
 @triton.jit
 def _mm(a, b, acc, INTERP: tl.constexpr, DOT_PREC: tl.constexpr):
     # acc + a @ b; the interpreter computes bf16/fp16 dots wrongly, so it gets fp32 operands.
@@ -135,44 +181,56 @@ def _mm(a, b, acc, INTERP: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _dcos_tile(dot, inv_nx, inv_nw, labels, cols, row_ok, col_ok, lse, zt, dphi, g, s, ls, ls_c):
-    # cos tile and dL/dcos tile of one (row block, class block), both fp32, zero outside the masks.
+def _dcos_tile(dot, inv_nx, inv_nw, labels, cols, row_ok, col_ok, lse, zt, dphi, g, s, ls, ls_tile, ls_fix):
+    # cos, dL/dcos and softmax p of one (row block, class block) tile, fp32, zero outside the masks.
+    # ls_tile: the uniform label-smoothing term kept in the tile (eps_ls/C, or 0 when it is added
+    # analytically); ls_fix: eps_ls/C in the analytic case, for the target entry's slope correction.
     ok = row_ok[:, None] & col_ok[None, :]
     cos = dot * inv_nx[:, None] * inv_nw[None, :]
     is_t = cols[None, :] == labels[:, None]
     z = tl.where(is_t, zt[:, None], s * cos)
     p = tl.exp(tl.where(ok, z - lse[:, None], float("-inf")))  # masked lanes: p = 0, no overflow
-    dz = g[:, None] * (p - ls_c - tl.where(is_t, 1.0 - ls, 0.0))
-    dcos = tl.where(ok, dz * s * tl.where(is_t, dphi[:, None], 1.0), 0.0)
-    return cos, dcos
+    slope = tl.where(is_t, dphi[:, None], 1.0)
+    dz = (p - ls_tile - tl.where(is_t, 1.0 - ls, 0.0)) * slope - tl.where(is_t, ls_fix * (dphi[:, None] - 1.0), 0.0)
+    dcos = tl.where(ok, g[:, None] * s * dz, 0.0)
+    return cos, dcos, tl.where(ok & ~is_t, p, tl.where(ok, 1.0, 0.0))
 
 
 @triton.jit
 def _cos_tile(x_ptr, w_ptr, rows, cols, B, C, D, stride_xb, stride_wc,
               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-              INTERP: tl.constexpr, DOT_PREC: tl.constexpr):
-    # x[rows] @ w[cols]^T over D in BLOCK_K steps (fp32). Rows/columns past the end wrap around, so
-    # the loads stay in bounds without a row/column mask; callers mask the results.
+              WITH_NORMS: tl.constexpr, INTERP: tl.constexpr, DOT_PREC: tl.constexpr):
+    # x[rows] @ w[cols]^T over D in BLOCK_K steps (fp32), W tiles cast to x's dtype on load; with
+    # WITH_NORMS also the squared norms of those rows of x and w from the same tiles. Rows/columns
+    # past the end wrap around, so the loads stay in bounds without a row/column mask; callers mask.
     x_rows = x_ptr + (rows % B).to(tl.int64)[:, None] * stride_xb
     w_rows = w_ptr + (cols % C).to(tl.int64)[:, None] * stride_wc
     acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    sx = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    sw = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
         xt = tl.load(x_rows + ks[None, :], mask=k_ok[None, :], other=0.0)
-        wt = tl.load(w_rows + ks[None, :], mask=k_ok[None, :], other=0.0)
+        wt = tl.load(w_rows + ks[None, :], mask=k_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+        if WITH_NORMS:
+            xf = xt.to(tl.float32)
+            wf = wt.to(tl.float32)
+            sx += tl.sum(xf * xf, axis=1)
+            sw += tl.sum(wf * wf, axis=1)
         acc = _mm(xt, tl.trans(wt), acc, INTERP, DOT_PREC)
-    return acc
+    return acc, sx, sw
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["B", "C", "D"])
 @triton.jit
 def _margin_ce_fwd_kernel(
-    x_ptr, w_ptr, labels_ptr, inv_nx_ptr, inv_nw_ptr, zt_ptr,  # pointers: inputs (zt = s*phi)
+    x_ptr, w_ptr, labels_ptr, zt_ptr,  # pointers: inputs (zt = s*phi)
+    nx_ptr, nw_ptr,  # pointers: fp32 norm outputs (B, C)
     m_ptr, l_ptr, sz_ptr, best_ptr, arg_ptr,  # pointers: per (split, row) partials
     B, C, D, C_PER_SPLIT,  # shapes
     stride_xb, stride_wc,  # strides (unit stride along D)
-    s,  # scale
+    s, eps,  # scale, norm eps
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,  # meta
     INTERP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -181,22 +239,27 @@ def _margin_ce_fwd_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    inv_nx = tl.load(inv_nx_ptr + rows, mask=row_ok, other=0.0)
     zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
     m = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     lsum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     zsum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     best = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     arg = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    nx = tl.zeros((BLOCK_B,), dtype=tl.float32)
     c_begin = pid_s * C_PER_SPLIT
     c_end = tl.minimum(c_begin + C_PER_SPLIT, C)
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < c_end
-        acc = _cos_tile(x_ptr, w_ptr, rows, cols, B, C, D, stride_xb, stride_wc,
-                        BLOCK_B, BLOCK_C, BLOCK_K, INTERP, DOT_PREC)
+        acc, sx, sw = _cos_tile(x_ptr, w_ptr, rows, cols, B, C, D, stride_xb, stride_wc,
+                                BLOCK_B, BLOCK_C, BLOCK_K, True, INTERP, DOT_PREC)
+        # norms from the same tiles; row block 0 stores ||w|| of these classes
+        nx = tl.sqrt(sx)
+        nw = tl.sqrt(sw)
+        tl.store(nw_ptr + cols, nw, mask=col_ok & (pid_b == 0))
+        inv_nx = 1.0 / tl.maximum(nx, eps)
+        inv_nw = 1.0 / tl.maximum(nw, eps)
         # cosines, margin logits, and the online log-sum-exp / logit sum / argmax updates
-        inv_nw = tl.load(inv_nw_ptr + cols, mask=col_ok, other=0.0)
         cos = acc * inv_nx[:, None] * inv_nw[None, :]
         z = tl.where(cols[None, :] == labels[:, None], zt[:, None], s * cos)
         z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -211,6 +274,7 @@ def _margin_ce_fwd_kernel(
         best = tl.where(better, blk_best, best)
         arg = tl.where(better, blk_arg, arg)
 
+    tl.store(nx_ptr + rows, nx, mask=row_ok & (pid_s == 0))
     out = pid_s * B + rows
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(l_ptr + out, lsum, mask=row_ok)
@@ -219,135 +283,115 @@ def _margin_ce_fwd_kernel(
     tl.store(arg_ptr + out, arg, mask=row_ok)
 
 
-def _prune_by_dim(configs, nargs, **kwargs):
-    """Drop backward configs whose output chunk BLOCK_DO is wider than D needs (keep the narrowest)."""
-    need = max(16, triton.next_power_of_2(nargs["D"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_DO"] <= need]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_DO"])]
-
-
-@triton.autotune(configs=_BWD_DX_CONFIGS, key=["B", "C", "D"], prune_configs_by={"early_config_prune": _prune_by_dim})
+@triton.autotune(configs=_BWD_CONFIGS, key=["B", "C", "D", "NEED_DX", "NEED_DW"])
 @triton.jit
-def _margin_ce_bwd_dx_kernel(
-    x_ptr, w_ptr, labels_ptr, nx_ptr, inv_nw_ptr,  # pointers: inputs
+def _margin_ce_bwd_kernel(
+    x_ptr, w_ptr, labels_ptr, nx_ptr, nw_ptr,  # pointers: inputs and their fp32 norms
     lse_ptr, zt_ptr, dphi_ptr, g_ptr,  # pointers: saved O(B) terms and per-row grad weights
-    dx_ptr,  # pointer: splits x B x D fp32 partial dx
-    B, C, D, C_PER_SPLIT,  # shapes
+    dx_ptr, dw_ptr,  # pointers: fp32 accumulators, B x D and C x D, contiguous
+    B, C, D,  # shapes
     stride_xb, stride_wc,  # strides (unit stride along D)
-    s, ls, ls_c, eps,  # scale, label smoothing, label smoothing / C, norm eps
+    s, ls, ls_tile, ls_fix, eps, filt_eps,  # scale, label smoothing terms, norm eps, filter threshold
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,  # meta: which gradients
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,  # meta: cos tile, K step
-    BLOCK_DO: tl.constexpr,  # meta: output columns per program (grid axis 2)
+    BLOCK_D: tl.constexpr,  # meta: output columns per step of the share loop
     INTERP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    # one (row block, class block) tile; row block fastest so the tiles of one class block run together
+    n_rb = tl.cdiv(B, BLOCK_B)
+    pid = tl.program_id(0)
+    rows = (pid % n_rb) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = (pid // n_rb) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < B
-    ds = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    d_ok = ds < D
+    col_ok = cols < C
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     nx = tl.load(nx_ptr + rows, mask=row_ok, other=1.0)
+    nw = tl.load(nw_ptr + cols, mask=col_ok, other=1.0)
     inv_nx = 1.0 / tl.maximum(nx, eps)
+    inv_nw = 1.0 / tl.maximum(nw, eps)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
     dphi = tl.load(dphi_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
 
-    # G[:, ds] = sum_j dcos_ij wh_j[ds] and r = sum_j dcos_ij cos_ij over this split's classes
-    acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
-    r = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    c_begin = pid_s * C_PER_SPLIT
-    c_end = tl.minimum(c_begin + C_PER_SPLIT, C)
-    for c0 in range(c_begin, c_end, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < c_end
-        dot = _cos_tile(x_ptr, w_ptr, rows, cols, B, C, D, stride_xb, stride_wc,
-                        BLOCK_B, BLOCK_C, BLOCK_K, INTERP, DOT_PREC)
-        inv_nw = tl.load(inv_nw_ptr + cols, mask=col_ok, other=0.0)
-        cos, dcos = _dcos_tile(dot, inv_nx, inv_nw, labels, cols, row_ok, col_ok, lse, zt, dphi, g,
-                               s, ls, ls_c)
-        r += tl.sum(dcos * cos, axis=1)
-        wo = tl.load(w_ptr + (cols % C).to(tl.int64)[:, None] * stride_wc + ds[None, :],
-                     mask=d_ok[None, :], other=0.0)
-        acc = _mm((dcos * inv_nw[None, :]).to(wo.dtype), wo, acc, INTERP, DOT_PREC)
+    # the cosine tile, recomputed once, and its dL/dcos
+    dot, _sx, _sw = _cos_tile(x_ptr, w_ptr, rows, cols, B, C, D, stride_xb, stride_wc,
+                              BLOCK_B, BLOCK_C, BLOCK_K, False, INTERP, DOT_PREC)
+    cos, dcos, p_or_1 = _dcos_tile(dot, inv_nx, inv_nw, labels, cols, row_ok, col_ok, lse, zt, dphi, g,
+                                   s, ls, ls_tile, ls_fix)
+    # gradient filter: skip the shares when every p < filt_eps and no target is in the tile
+    if tl.max(tl.max(p_or_1, axis=1), axis=0) >= filt_eps:
+        # projection sums of the normalisation chain (zero where the norm is below eps)
+        rx = tl.where(nx >= eps, tl.sum(dcos * cos, axis=1), 0.0) * inv_nx
+        rw = tl.where(nw >= eps, tl.sum(dcos * cos, axis=0), 0.0) * inv_nw
+        a_dx = (dcos * inv_nw[None, :]).to(x_ptr.dtype.element_ty)  # dcos / ||w||, for dx
+        a_dw = tl.trans((dcos * inv_nx[:, None]).to(x_ptr.dtype.element_ty))  # dcos^T / ||x||, for dW
+        x_rows = x_ptr + (rows % B).to(tl.int64)[:, None] * stride_xb
+        w_rows = w_ptr + (cols % C).to(tl.int64)[:, None] * stride_wc
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            xo = tl.load(x_rows + ds[None, :], mask=d_ok[None, :], other=0.0)
+            wo = tl.load(w_rows + ds[None, :], mask=d_ok[None, :], other=0.0)
+            if NEED_DX:
+                # dx_i += (sum_j dcos_ij wh_j - xh_i r_i) / ||x_i||
+                gx = _mm(a_dx, wo.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32),
+                         INTERP, DOT_PREC)
+                gx = (gx - xo.to(tl.float32) * rx[:, None]) * inv_nx[:, None]
+                tl.atomic_add(dx_ptr + rows.to(tl.int64)[:, None] * D + ds[None, :], gx,
+                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if NEED_DW:
+                # dw_j += (sum_i dcos_ij xh_i - wh_j r_j) / ||w_j||
+                gw = _mm(a_dw, xo, tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32), INTERP, DOT_PREC)
+                gw = (gw - wo.to(tl.float32) * rw[:, None]) * inv_nw[:, None]
+                tl.atomic_add(dw_ptr + cols.to(tl.int64)[:, None] * D + ds[None, :], gw,
+                              mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
 
-    # normalisation chain: dx = (G - xh (xh . G)) / max(||x||, eps), xh . G = r
-    xo = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xb + ds[None, :],
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    r = tl.where(nx >= eps, r, 0.0)
-    dx = (acc - xo.to(tl.float32) * (inv_nx * r)[:, None]) * inv_nx[:, None]
-    out = (pid_s * B + rows).to(tl.int64)[:, None] * D + ds[None, :]
-    tl.store(dx_ptr + out, dx, mask=row_ok[:, None] & d_ok[None, :])
 
-
-@triton.autotune(configs=_BWD_DW_CONFIGS, key=["B", "C", "D"], prune_configs_by={"early_config_prune": _prune_by_dim})
 @triton.jit
-def _margin_ce_bwd_dw_kernel(
-    x_ptr, w_ptr, labels_ptr, nx_ptr, nw_ptr,  # pointers: inputs
-    lse_ptr, zt_ptr, dphi_ptr, g_ptr,  # pointers: saved O(B) terms and per-row grad weights
-    dw_ptr,  # pointer: C x D output, weight dtype, contiguous
-    B, C, D,  # shapes
-    stride_xb, stride_wc,  # strides (unit stride along D)
-    s, ls, ls_c, eps,  # scale, label smoothing, label smoothing / C, norm eps
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,  # meta: cos tile, K step
-    BLOCK_DO: tl.constexpr,  # meta: output columns per program (grid axis 1)
-    INTERP: tl.constexpr, DOT_PREC: tl.constexpr,
+def _ls_pass_kernel(
+    w_ptr, nw_ptr, xg_ptr,  # pointers: weight, its fp32 norms, xg = sum_i g_i xh_i (fp32, D)
+    dw_ptr, ws_ptr,  # pointers: fp32 C x D dW buffer to initialise, fp32 D accumulator of sum_j wh_j
+    C, D, stride_wc,  # shapes, strides
+    coef, eps,  # -s * eps_ls / C, norm eps
+    WRITE_DW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,  # meta
 ):
+    # label smoothing's uniform term for a block of classes: dw_j = coef (xg - wh_j (wh_j . xg)) / ||w_j||
+    # written as dW's initial value, and this block's share of ws = sum_j wh_j
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    ds = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    d_ok = ds < D
     nw = tl.load(nw_ptr + cols, mask=col_ok, other=1.0)
     inv_nw = 1.0 / tl.maximum(nw, eps)
-
-    # H[:, ds] = sum_i dcos_ij xh_i[ds] and r = sum_i dcos_ij cos_ij over all rows
-    acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=tl.float32)
-    r = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        rows = b0 + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-        nx = tl.load(nx_ptr + rows, mask=row_ok, other=1.0)
-        inv_nx = 1.0 / tl.maximum(nx, eps)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
-        dphi = tl.load(dphi_ptr + rows, mask=row_ok, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        dot = _cos_tile(x_ptr, w_ptr, rows, cols, B, C, D, stride_xb, stride_wc,
-                        BLOCK_B, BLOCK_C, BLOCK_K, INTERP, DOT_PREC)
-        cos, dcos = _dcos_tile(dot, inv_nx, inv_nw, labels, cols, row_ok, col_ok, lse, zt, dphi, g,
-                               s, ls, ls_c)
-        r += tl.sum(dcos * cos, axis=0)
-        xo = tl.load(x_ptr + (rows % B).to(tl.int64)[:, None] * stride_xb + ds[None, :],
-                     mask=d_ok[None, :], other=0.0)
-        acc = _mm(tl.trans((dcos * inv_nx[:, None]).to(xo.dtype)), xo, acc, INTERP, DOT_PREC)
-
-    # normalisation chain: dw = (H - wh (wh . H)) / max(||w||, eps), wh . H = r
-    wo = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wc + ds[None, :],
-                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    r = tl.where(nw >= eps, r, 0.0)
-    dw = (acc - wo.to(tl.float32) * (inv_nw * r)[:, None]) * inv_nw[:, None]
-    out = cols.to(tl.int64)[:, None] * D + ds[None, :]
-    tl.store(dw_ptr + out, dw.to(dw_ptr.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wc
+    proj = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):  # wh_j . xg, and the ws share
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        wh = tl.load(w_rows + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        wh = wh * inv_nw[:, None]
+        xg = tl.load(xg_ptr + ds, mask=d_ok, other=0.0)
+        proj += tl.sum(wh * xg[None, :], axis=1)
+        tl.atomic_add(ws_ptr + ds, tl.sum(wh, axis=0), mask=d_ok, sem="relaxed")
+    if WRITE_DW:
+        proj = tl.where(nw >= eps, proj, 0.0)
+        for d0 in range(0, D, BLOCK_D):  # the same rows again (L1/L2)
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            wh = tl.load(w_rows + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            xg = tl.load(xg_ptr + ds, mask=d_ok, other=0.0)
+            val = coef * (xg[None, :] - wh * inv_nw[:, None] * proj[:, None]) * inv_nw[:, None]
+            tl.store(dw_ptr + cols.to(tl.int64)[:, None] * D + ds[None, :], val, mask=col_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _row_norms(a: torch.Tensor) -> torch.Tensor:
-    """fp32 L2 norm of each row of ``a`` (R x D, unit column stride), without an fp32 copy of ``a``."""
-    R, D = a.shape
-    out = torch.empty(R, device=a.device, dtype=torch.float32)
-    grid = (triton.cdiv(R, _NORM_BLOCK_R),)
-    _row_norm_kernel[grid](a, out, R, D, a.stride(0), BLOCK_R=_NORM_BLOCK_R, BLOCK_D=_NORM_BLOCK_D)
-    return out
-
-
 def _target_terms(x, weight, labels, s, m1, m2, m3, easy_margin):
     """Target logit ``s*phi`` and ``dphi/dcos`` per row (fp32, O(B)), computed in float64 so that
-    the branch and clamp decisions are taken on exact values (kernels/margin.py)."""
+    the branch and clamp decisions are taken on exact values (kernels/margin.py). W rows are rounded
+    to x's dtype first, as the kernels read them."""
     x64 = x.double()
-    wy64 = weight.index_select(0, labels).double()
+    wy64 = weight.index_select(0, labels).to(x.dtype).double()
     nx = torch.linalg.vector_norm(x64, dim=1).clamp_min(NORM_EPS)
     nw = torch.linalg.vector_norm(wy64, dim=1).clamp_min(NORM_EPS)
     cos_t = (x64 * wy64).sum(dim=1) / (nx * nw)
@@ -359,19 +403,21 @@ def _target_terms(x, weight, labels, s, m1, m2, m3, easy_margin):
 def _forward(x, weight, labels, s, m1, m2, m3, easy_margin, ls):
     B, D = x.shape
     C = weight.shape[0]
-    nx, nw = _row_norms(x), _row_norms(weight)
-    inv_nx, inv_nw = 1.0 / nx.clamp_min(NORM_EPS), 1.0 / nw.clamp_min(NORM_EPS)
-    zt, dphi = _target_terms(x, weight, labels, s, m1, m2, m3, easy_margin)
+    # out-of-range labels (only possible with check_labels off): computed on a clamped copy, NaN loss
+    bad = ((labels < 0) | (labels >= C)).any()
+    safe = labels.clamp(0, C - 1)
+    zt, dphi = _target_terms(x, weight, safe, s, m1, m2, m3, easy_margin)
 
     n_splits, per_split = split_range(C, triton.cdiv(B, 64), 4 * sm_count(x.device), _SPLIT_GRANULE)
     f32 = dict(device=x.device, dtype=torch.float32)
+    nx, nw = torch.empty(B, **f32), torch.empty(C, **f32)
     part_m, part_l, part_sz, part_best = (torch.empty(n_splits, B, **f32) for _ in range(4))
     part_arg = torch.empty(n_splits, B, device=x.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_splits)  # noqa: E731
     _margin_ce_fwd_kernel[grid](
-        x, weight, labels, inv_nx, inv_nw, zt,
+        x, weight, labels, zt, nx, nw,
         part_m, part_l, part_sz, part_best, part_arg,
-        B, C, D, per_split, x.stride(0), weight.stride(0), float(s),
+        B, C, D, per_split, x.stride(0), weight.stride(0), float(s), NORM_EPS,
         INTERP=INTERPRETING, DOT_PREC=dot_precision(x.dtype),
     )
     # merge the per-split partials (O(B x splits))
@@ -381,44 +427,50 @@ def _forward(x, weight, labels, s, m1, m2, m3, easy_margin, ls):
     first_best = part_best.argmax(dim=0, keepdim=True)  # first split holding the max: lowest index
     preds = part_arg.gather(0, first_best).squeeze(0).long()
     per_row = lse - (1.0 - ls) * zt - (ls / C) * zsum
+    per_row = torch.where(bad, float("nan"), per_row)
     return per_row, preds, (nx, nw, lse, zt, dphi)
 
 
-def _backward(x, weight, labels, saved, g, s, ls, need_dx, need_dw):
+def _backward(x, weight, labels, saved, g, s, ls, need_dx, need_dw, filt_eps):
+    """dx (x's dtype) and dW (weight's dtype) of the fused loss; ``filt_eps`` None: no filtering."""
     nx, nw, lse, zt, dphi = saved
     B, D = x.shape
     C = weight.shape[0]
-    common = (B, C, D)
-    meta = dict(INTERP=INTERPRETING, DOT_PREC=dot_precision(x.dtype))
-    scalars = (float(s), float(ls), float(ls) / C, NORM_EPS)
-    dx = dw = None
-    if need_dx:
-        n_splits, per_split = split_range(C, triton.cdiv(B, 32), 4 * sm_count(x.device), _SPLIT_GRANULE,
-                                          max_splits=_MAX_DX_SPLITS)
-        part = torch.empty(n_splits, B, D, device=x.device, dtype=torch.float32)
-        grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]), n_splits, triton.cdiv(D, m["BLOCK_DO"]))  # noqa: E731
-        inv_nw = 1.0 / nw.clamp_min(NORM_EPS)
-        _margin_ce_bwd_dx_kernel[grid](
-            x, weight, labels, nx, inv_nw, lse, zt, dphi, g, part,
-            *common, per_split, x.stride(0), weight.stride(0), *scalars, **meta,
-        )
-        dx = part.sum(dim=0).to(x.dtype)
-    if need_dw:
-        dw = torch.empty(C, D, device=x.device, dtype=weight.dtype)
-        grid = lambda m: (triton.cdiv(C, m["BLOCK_C"]), triton.cdiv(D, m["BLOCK_DO"]))  # noqa: E731
-        _margin_ce_bwd_dw_kernel[grid](
-            x, weight, labels, nx, nw, lse, zt, dphi, g, dw,
-            *common, x.stride(0), weight.stride(0), *scalars, **meta,
-        )
-    return dx, dw
+    f32 = dict(device=x.device, dtype=torch.float32)
+    analytic = filt_eps is not None and ls > 0
+    dx = torch.zeros(B, D, **f32) if need_dx else None
+    dw = (torch.empty if analytic and need_dw else torch.zeros)(C, D, **f32) if need_dw else None
+    ws = None
+    if analytic:  # label smoothing's uniform term: dW's initial value and ws = sum_j wh_j
+        inv_nx = 1.0 / nx.clamp_min(NORM_EPS)
+        xg = ((g * inv_nx)[:, None] * x.float()).sum(dim=0)
+        ws = torch.zeros(D, **f32)
+        _ls_pass_kernel[(triton.cdiv(C, _LS_BLOCK_C),)](
+            weight, nw, xg, dw if need_dw else ws, ws, C, D, weight.stride(0), -float(s) * ls / C, NORM_EPS,
+            WRITE_DW=bool(need_dw), BLOCK_C=_LS_BLOCK_C, BLOCK_D=_LS_BLOCK_D)
+    grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]) * triton.cdiv(C, m["BLOCK_C"]),)  # noqa: E731
+    _margin_ce_bwd_kernel[grid](
+        x, weight, labels, nx, nw, lse, zt, dphi, g,
+        dx if need_dx else x, dw if need_dw else x,
+        B, C, D, x.stride(0), weight.stride(0),
+        float(s), float(ls), 0.0 if analytic else ls / C, ls / C if analytic else 0.0, NORM_EPS,
+        -1.0 if filt_eps is None else float(filt_eps),
+        NEED_DX=bool(need_dx), NEED_DW=bool(need_dw), INTERP=INTERPRETING, DOT_PREC=dot_precision(x.dtype),
+    )
+    if need_dx and analytic:  # dx_i += -s g_i eps_ls/C (ws - xh_i (xh_i . ws)) / ||x_i||
+        inv_nx = 1.0 / nx.clamp_min(NORM_EPS)
+        xh = x.float() * inv_nx[:, None]
+        proj = torch.where(nx >= NORM_EPS, xh @ ws, 0.0)
+        dx += (-float(s) * ls / C * g * inv_nx)[:, None] * (ws[None, :] - xh * proj[:, None])
+    return (dx.to(x.dtype) if need_dx else None), (dw.to(weight.dtype) if need_dw else None)
 
 
 class _MarginCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, s, m1, m2, m3, easy_margin, ls):
+    def forward(ctx, x, weight, labels, s, m1, m2, m3, easy_margin, ls, filt_eps):
         per_row, preds, saved = _forward(x, weight, labels, s, m1, m2, m3, easy_margin, ls)
         ctx.save_for_backward(x, weight, labels, *saved)
-        ctx.hyper = (s, ls)
+        ctx.hyper = (s, ls, filt_eps)
         ctx.mark_non_differentiable(preds)
         ctx.set_materialize_grads(False)
         return per_row.mean(), per_row, preds
@@ -428,16 +480,16 @@ class _MarginCrossEntropy(torch.autograd.Function):
     def backward(ctx, g_mean, g_row, _g_preds):
         x, weight, labels, *saved = ctx.saved_tensors
         if g_mean is None and g_row is None:
-            return (None,) * 9
+            return (None,) * 10
         B = x.shape[0]
         g = torch.zeros(B, device=x.device, dtype=torch.float32)
         if g_mean is not None:
             g += g_mean.float() / B
         if g_row is not None:
             g += g_row.float()
-        s, ls = ctx.hyper
-        dx, dw = _backward(x, weight, labels, saved, g, s, ls, *ctx.needs_input_grad[:2])
-        return dx, dw, None, None, None, None, None, None, None
+        s, ls, filt_eps = ctx.hyper
+        dx, dw = _backward(x, weight, labels, saved, g, s, ls, *ctx.needs_input_grad[:2], filt_eps)
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,29 +534,50 @@ def _pack(mean, per_row, preds, return_per_row, return_preds):
     return mean, (per_row if return_per_row else None), (preds if return_preds else None)
 
 
+def _filter_eps(grad_filter, dtype):
+    if grad_filter is False or grad_filter is None:
+        return None
+    if grad_filter is True:
+        return filter_threshold(dtype)
+    eps = float(grad_filter)
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"grad_filter must be a bool or a threshold in (0, 1), got {grad_filter}")
+    return eps
+
+
 def margin_cross_entropy(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=False,
-                         label_smoothing=0.0, return_per_row=False, return_preds=False):
+                         label_smoothing=0.0, return_per_row=False, return_preds=False,
+                         grad_filter=False, check_labels=None):
     """Fused Triton combined-margin cross-entropy; see the module docstring for the exact math and
     kernels/margin.py for the target logit (``easy_margin``: insightface's ``cos > 0`` rule).
 
-    ``x`` B x D and ``weight`` C x D (same float dtype and device, unit stride along D), ``labels``
-    int64/int32 of shape B in [0, C). Returns the mean loss (fp32 scalar), or with ``return_per_row``
-    / ``return_preds`` the tuple ``(mean, per_row fp32 [B] or None, preds int64 [B] or None)``.
-    Differentiable w.r.t. ``x`` and ``weight``; gradients come back in the input dtype.
+    ``x`` B x D (fp32, bf16 or fp16) and ``weight`` C x D in x's dtype or fp32 (fp32 master weights
+    under autocast are read as they are, tiles cast on load), same device, unit stride along D;
+    ``labels`` int64/int32 of shape B in [0, C). Returns the mean loss (fp32 scalar), or with
+    ``return_per_row`` / ``return_preds`` the tuple ``(mean, per_row fp32 [B] or None, preds int64
+    [B] or None)``. Differentiable w.r.t. ``x`` and ``weight``; gradients come back in their dtypes.
+
+    ``grad_filter``: False (default) computes the exact gradient; True skips the backward's tiles
+    whose softmax probabilities are all below :func:`filter_threshold` of x's dtype (and that hold no
+    target), a float sets that threshold. ``check_labels``: raise ValueError on a label outside
+    [0, C) (one host sync); None (default) does so for CPU tensors only. On the device without it,
+    out-of-range labels make the loss NaN instead (checked on the device, no sync).
     """
     _check_shapes(x, weight, labels)
     _check_hyper(s, m1, m2, m3, label_smoothing)
     check_float_dtype(x, "x")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"weight must share x's dtype or be float32, got x {x.dtype} and weight {weight.dtype}")
     check_same_device({"x": x, "weight": weight, "labels": labels})
     for name, t in (("x", x), ("weight", weight)):
         if t.stride(1) != 1:
             raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), got strides {t.stride()}")
-    _check_label_range(labels, weight)
+    filt_eps = _filter_eps(grad_filter, x.dtype)
+    if check_labels or (check_labels is None and labels.device.type == "cpu"):
+        _check_label_range(labels, weight)
     mean, per_row, preds = _MarginCrossEntropy.apply(
         x, weight, labels.long().contiguous(), float(s), float(m1), float(m2), float(m3), bool(easy_margin),
-        float(label_smoothing))
+        float(label_smoothing), filt_eps)
     return _pack(mean, per_row, preds, return_per_row, return_preds)
 
 

@@ -157,10 +157,12 @@ class MarginHead(nn.Module):
     def _fused_forward(self, emb: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         from facefuse.kernels.margin_ce import margin_cross_entropy
 
-        # under autocast the embeddings are bf16/fp16 and the master weights fp32: the kernel
-        # reads both in the embeddings' dtype and accumulates in fp32
+        # under autocast the embeddings are bf16/fp16 and the master weights fp32: the kernel reads
+        # the fp32 weights as they are and casts its tiles to the embeddings' dtype on load (no C x D
+        # copy of the weights kept alive until backward); accumulation is fp32
+        weight = self.weight if self.weight.dtype in (emb.dtype, torch.float32) else self.weight.to(emb.dtype)
         loss, _, preds = margin_cross_entropy(
-            emb, self.weight.to(emb.dtype), labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+            emb, weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
             easy_margin=self.easy_margin, label_smoothing=self.label_smoothing, return_preds=True,
         )
         return HeadOutput(loss, preds)
