@@ -200,6 +200,24 @@ def _embedder(model):
     return load_embedder(model)
 
 
+@main.command("embed")
+@click.argument("source", type=click.Path())
+@click.option("--model", required=True, type=click.Path(), help=MODEL_HELP)
+@click.option("--out", "out_dir", required=True, type=click.Path(),
+              help="Folder to write (embeddings-RANK-of-WORLD.npy shards, paths.txt, labels.txt, manifest.json).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
+@click.option("--flip", is_flag=True, help="Flip test-time augmentation: e(image) + e(mirror).")
+def embed_cmd(source, model, out_dir, batch_size, workers, flip):
+    """Embed SOURCE (a folder of identity folders, or a list file of image paths) into --out;
+    under torchrun each process embeds its own part of the images."""
+    from facefuse.export.extract import extract_embeddings
+
+    r = extract_embeddings(source, model, out_dir, batch_size=batch_size, num_workers=workers, flip_tta=flip)
+    if r.rank == 0:
+        click.echo(f"embedded {r.count} images (dim {r.dim}) on {r.world_size} process(es) into {r.out}")
+
+
 @main.group("index")
 def index_group():
     """Build and extend an on-disk gallery index (one folder: meta.json + the faiss index it names)."""

@@ -4,6 +4,12 @@ Python values only; nothing arbitrary is ever unpickled).
 A run folder holds ``config.yaml``, ``checkpoints/last.pt`` (full training state for ``--resume``),
 ``model.pt`` (inference file: embedder weights, EMA when enabled, plus :class:`ModelMeta`),
 ``metrics.jsonl`` and ``summary.json``.
+
+With a sharded head (``--head-parallel``) ``last.pt`` holds the replicated state and records
+``head_parallel = {world_size, step, num_classes}``; each rank r of N writes its class shard of the
+centres, their optimiser and EMA state and its RNG to ``checkpoints/head-rank{r}-of-{N}-step{S}.pt``
+first, then rank 0 writes ``last.pt`` naming step S, then the shards of older steps are removed: an
+interruption at any point leaves a ``last.pt`` whose shard files are all there.
 """
 
 from __future__ import annotations
@@ -32,6 +38,19 @@ def save(path: str | Path, payload: dict) -> None:
     payload = {"format": FORMAT, "version": VERSION, **payload}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def head_shard_path(folder: str | Path, rank: int, world_size: int, step: int) -> Path:
+    """Rank ``rank``'s head shard of the checkpoint at ``step`` (see the module docstring)."""
+    return Path(folder) / f"head-rank{rank}-of-{world_size}-step{step:09d}.pt"
+
+
+def remove_stale_head_shards(folder: str | Path, rank: int, world_size: int, keep_step: int) -> None:
+    """Delete this rank's shard files of steps other than ``keep_step`` (after last.pt names it)."""
+    keep = head_shard_path(folder, rank, world_size, keep_step)
+    for p in Path(folder).glob(f"head-rank{rank}-of-{world_size}-step*.pt"):
+        if p != keep:
+            p.unlink(missing_ok=True)
 
 
 def load(path: str | Path) -> dict:

@@ -94,6 +94,10 @@ class LossConfig:
     pair_weight: float = _f(1.0, "lambda in classification + lambda * pair loss.")
     pair_options: dict = _f({}, "Settings of the pair loss in use, by its own names "
                                 "(e.g. --set loss.pair_options.margin=0.3).")
+    head_parallel: bool = _f(False, "Shard the margin head's class centres over the torchrun processes "
+                                    "(model parallel, Partial FC style); needs 2+ processes.")
+    sample_rate: float = _f(1.0, "Partial FC class sampling with --head-parallel: keep every class of the batch "
+                                 "and this fraction of the others per step (1 = the full head).")
 
 
 @dataclass
@@ -353,6 +357,8 @@ def validate(cfg: TrainConfig, where: dict | None = None) -> None:
     check(0 <= l.label_smoothing < 1, "loss.label_smoothing", f"must be in [0, 1), got {l.label_smoothing}")
     check(l.scale > 0 and math.isfinite(l.scale), "loss.scale", f"must be > 0, got {l.scale}")
     check(l.pair_weight >= 0, "loss.pair_weight", f"must be >= 0, got {l.pair_weight}")
+    check(0 < l.sample_rate <= 1, "loss.sample_rate", f"must be in (0, 1], got {l.sample_rate}")
+    check(l.sample_rate == 1 or l.head_parallel, "loss.sample_rate", "class sampling needs --head-parallel")
     for key in ("hflip", "vflip", "random_erasing"):
         p = getattr(a, key)
         check(0 <= p <= 1, f"augment.{key}", f"probability must be in [0, 1], got {p}")
@@ -384,6 +390,10 @@ def _validate_names(cfg: TrainConfig, check) -> None:
           f"unknown {l.pair_loss!r}; valid: {', '.join(PAIR_LOSSES.names())}")
     check(not (l.pair_loss and l.name in PAIR_LOSSES), "loss.pair_loss",
           f"--loss {l.name} is already a pair loss; a joint pair loss needs a classification head")
+    check(not (l.head_parallel and l.name in PAIR_LOSSES), "loss.head_parallel",
+          f"--loss {l.name} is a pair loss; the sharded head needs a margin head (arcface, cosface, ...)")
+    check(not (l.head_parallel and l.name == "softmax"), "loss.head_parallel",
+          "the sharded head needs a margin head (arcface, cosface, sphereface, normface, combined), not softmax")
     in_use = pair_loss_in_use(cfg)
     if in_use is None:
         check(not l.pair_options, "loss.pair_options", "set, but no pair loss is in use")

@@ -105,3 +105,45 @@ def convert_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Mod
     for name, child in module.named_children():
         out.add_module(name, convert_batchnorm(child, device_type))
     return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal-sized row blocks with a gradient: rank r gets back the sum over ranks
+    of the gradients of its own rows, times ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grad_scale: float) -> torch.Tensor:
+        ctx.rank, ctx.rows, ctx.grad_scale = dist.get_rank(), x.shape[0], grad_scale
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # gloo has no reduce_scatter; the B x D gradient is small
+        mine = grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return mine * ctx.grad_scale if ctx.grad_scale != 1 else mine.clone(), None
+
+
+def gather_rows(x: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
+    """``cat`` of every rank's ``x`` (same shape on all ranks), in rank order, differentiable.
+
+    Backward gives rank r ``grad_scale * sum_ranks dL_rank/dx_r``.  When every rank computes the
+    same loss from the gathered rows (a pair loss on the global batch) that sum is already N times
+    the gradient, which DDP's mean over ranks turns back into the gradient: ``grad_scale=1``.
+    When each rank contributes only its part (a sharded head: its classes' terms), the sum is the
+    gradient itself and ``grad_scale=N`` undoes DDP's mean (as insightface's Partial FC does).
+    Without a process group it returns ``x``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherRows.apply(x, float(grad_scale))
+
+
+def gather_labels(y: torch.Tensor) -> torch.Tensor:
+    """All-gather of a tensor without gradient (labels), in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return y
+    parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, y.contiguous())
+    return torch.cat(parts)

@@ -32,6 +32,8 @@ from facefuse.trainer.model import build_face_model, count_parameters
 from facefuse.trainer.ops import default_backend
 from facefuse.trainer.optim import build_ema, build_optimizer, lr_factor, set_lr
 from facefuse.trainer.sampler import PKBatchSampler, RandomBatchSampler
+from facefuse.trainer import sharded_state
+from facefuse.trainer.sharded_head import clip_grad_norm as clip_sharded_grad_norm
 
 
 class SeededDataset(torch.utils.data.Dataset):
@@ -157,11 +159,17 @@ class Trainer:
             if not INTERPRETING:
                 raise FacefuseError("--kernels triton needs --device cuda (or TRITON_INTERPRET=1 to interpret "
                                     "the kernels on CPU, slowly); use --kernels torch")
+        self.sharded = cfg.loss.head_parallel
+        if self.resume:
+            self._check_resume_world(last)
+        if self.sharded and not self.dist.enabled:
+            raise FacefuseError("--head-parallel: needs 2+ processes (torchrun --nproc_per_node N ...); "
+                                "this run has 1")
         torch.manual_seed(cfg.seed)
         self.train_set, self.val_set, self.skipped = prepare_data(cfg, self.log)
         self.classes = self.train_set.classes
         try:
-            self.face_model = build_face_model(cfg.model, cfg.loss, len(self.classes)).to(self.device)
+            self.face_model = build_face_model(cfg.model, cfg.loss, len(self.classes), seed=cfg.seed).to(self.device)
         except ValueError as exc:  # unknown backbone / loss names, out-of-range loss parameters
             raise FacefuseError(str(exc)) from None
         self.face_model.set_kernel_backend(cfg.model.kernels)
@@ -172,9 +180,14 @@ class Trainer:
         if self.dist.enabled:
             module = distributed.convert_batchnorm(module, self.device.type)
             self.face_model = module
+            module.cross_rank_pairs = True
+            if self.sharded:  # each rank owns its shard: DDP must not average it
+                DDP._set_params_and_buffers_to_ignore_for_model(module, [sharded_state.HEAD_KEY])
             module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = module
         self.optimizer = build_optimizer(self.face_model, cfg.optim)
+        if self.sharded:
+            sharded_state.own_param_group(self.optimizer, self.face_model.head.weight)
         self.autocast, amp = _autocast_factory(self.device, cfg.optim.amp)
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.mixer = BatchMixer(cfg.augment, len(self.classes))
@@ -229,30 +242,62 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
-        if not self.dist.is_main:
+        if not (self.dist.is_main or self.sharded):
             return
         s = self.state
-        ckpt.save(self.out / "checkpoints" / "last.pt", {
-            "kind": "train", "meta": self.meta.to_dict(), "config": self.cfg.to_dict(), "classes": self.classes,
-            "model": self.face_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.module.embedder.state_dict() if self.ema else None,
-            "ema_full": self.ema.state_dict() if self.ema else None,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "state": {"epoch": s.epoch, "step": s.step, "step_in_epoch": s.step_in_epoch, "elapsed": s.elapsed,
-                      "images_seen": s.images_seen},
-            "rng": ckpt.rng_state(),
-        })
+        folder = self.out / "checkpoints"
+        parts = {"model": self.face_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "ema_full": self.ema.state_dict() if self.ema else None}
+        extra = {}
+        if self.sharded:  # every rank writes its shard first; last.pt then names the step
+            parts, shard = sharded_state.split(parts["model"], parts["optimizer"], parts["ema_full"])
+            head = self.face_model.head
+            ckpt.save(ckpt.head_shard_path(folder, self.dist.rank, self.dist.world_size, s.step), {
+                "kind": "head-shard", "rank": self.dist.rank, "world_size": self.dist.world_size, "step": s.step,
+                "classes": [head.start, head.stop], **shard, "rng": ckpt.rng_state()})
+            distributed.barrier(self.dist)
+            extra = {"head_parallel": {"world_size": self.dist.world_size, "step": s.step,
+                                       "num_classes": len(self.classes)}}
+        if self.dist.is_main:
+            ckpt.save(folder / "last.pt", {
+                "kind": "train", "meta": self.meta.to_dict(), "config": self.cfg.to_dict(), "classes": self.classes,
+                **parts, "ema": self.ema.module.embedder.state_dict() if self.ema else None,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "state": {"epoch": s.epoch, "step": s.step, "step_in_epoch": s.step_in_epoch, "elapsed": s.elapsed,
+                          "images_seen": s.images_seen},
+                "rng": ckpt.rng_state(), **extra,
+            })
+        if self.sharded:
+            distributed.barrier(self.dist)
+            ckpt.remove_stale_head_shards(folder, self.dist.rank, self.dist.world_size, s.step)
 
     def _save_model(self) -> None:
         if self.dist.is_main:
             embedder = self.ema.module.embedder if self.ema else self.face_model.embedder
             ckpt.save_model_file(self.out / "model.pt", embedder, self.meta)
 
+    def _check_resume_world(self, path: Path) -> None:
+        """A sharded head resumes at the world size it was saved with (checked before anything else)."""
+        saved = (ckpt.load(path).get("head_parallel") or {}).get("world_size")
+        if saved is not None and not self.sharded:
+            raise FacefuseError(f"--resume: {path} holds a sharded head (--head-parallel); resume with it on")
+        if self.sharded and saved is None:
+            raise FacefuseError(f"--head-parallel: {path} holds a replicated head; resume without it")
+        if saved is not None and saved != self.dist.world_size:
+            raise FacefuseError(f"--resume: the run's sharded head was saved by {saved} processes; resume it with "
+                                f"torchrun --nproc_per_node {saved} (this run has {self.dist.world_size})")
+
     def _load(self, path: Path) -> None:
         payload = ckpt.load(path)
         if payload.get("classes") != self.classes:
             raise FacefuseError(f"--resume: the identities in --data {self.cfg.data.root} differ from the run's "
                                 f"({len(self.classes)} vs {len(payload.get('classes') or [])})")
+        rng = payload["rng"]
+        if self.sharded:
+            hp = payload["head_parallel"]
+            shard = ckpt.load(ckpt.head_shard_path(path.parent, self.dist.rank, hp["world_size"], hp["step"]))
+            payload["model"], payload["optimizer"], payload["ema_full"] = sharded_state.merge(payload, shard)
+            rng = shard["rng"]  # each rank's own stream (dropout, augmentation)
         self.face_model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.ema is not None and payload.get("ema_full"):
@@ -261,7 +306,7 @@ class Trainer:
             self.scaler.load_state_dict(payload["scaler"])
         st = payload["state"]
         self.state = RunState(st["epoch"], st["step"], st["step_in_epoch"], st["elapsed"], st["images_seen"])
-        ckpt.set_rng_state(payload["rng"])
+        ckpt.set_rng_state(rng)
         self.log(f"resumed from {path}: epoch {st['epoch']}, step {st['step']}")
 
     # ------------------------------------------------------------------ loop
@@ -288,6 +333,8 @@ class Trainer:
         if self.mixer.enabled:
             x, y, labels_b, lam = self.mixer(x, y)
         self.model.train()
+        if self.sharded:
+            self.face_model.head.step = self.state.step  # seeds the class sampling (exact on resume)
         with self.autocast():
             out = self.model(x, y, labels_b, lam)
         loss = out.loss
@@ -300,7 +347,11 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if cfg.optim.grad_clip > 0:
+        if cfg.optim.grad_clip > 0 and self.sharded:
+            head = self.face_model.head.weight
+            clip_sharded_grad_norm([p for p in self.face_model.parameters() if p is not head], [head],
+                                   cfg.optim.grad_clip)
+        elif cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.face_model.parameters(), cfg.optim.grad_clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -393,7 +444,8 @@ class Trainer:
             return {}
         model = self.ema.module if self.ema else self.face_model
         out = {}
-        acc = classification_accuracy(model, self.val_loader, self.device, self.autocast)
+        # a sharded head needs every rank to classify: closed-set accuracy is left out with it
+        acc = None if self.sharded else classification_accuracy(model, self.val_loader, self.device, self.autocast)
         if acc is not None:
             out["val_accuracy"] = acc
         if self.validator is not None:

@@ -11,6 +11,7 @@ import torch.nn as nn
 from facefuse.trainer.backbones import build_backbone
 from facefuse.trainer.config import LossConfig, ModelConfig
 from facefuse.core.registry import Registry
+from facefuse.trainer.distributed import gather_labels, gather_rows
 from facefuse.trainer.ops import check_backend
 
 NECKS = Registry("neck")
@@ -122,6 +123,7 @@ class FaceModel(nn.Module):
         self.head = head
         self.pair_loss = pair_loss
         self.pair_weight = pair_weight
+        self.cross_rank_pairs = False  # torchrun: the pair loss sees every rank's embeddings (set by the trainer)
 
     def forward(self, x, labels, labels_b=None, lam: float = 1.0) -> StepOutput:
         emb = self.embedder.embed(x)
@@ -136,7 +138,10 @@ class FaceModel(nn.Module):
                 loss = loss + (1 - lam) * self.head(h, labels_b).loss
         if self.pair_loss is not None and (self.head is None or self.pair_weight > 0):
             w = 1.0 if self.head is None else self.pair_weight
-            loss = loss + w * self.pair_loss(emb.float(), labels)
+            pair_emb, pair_labels = emb.float(), labels
+            if self.cross_rank_pairs:  # identical global-batch loss on every rank; see gather_rows
+                pair_emb, pair_labels = gather_rows(pair_emb), gather_labels(labels)
+            loss = loss + w * self.pair_loss(pair_emb, pair_labels)
         return StepOutput(loss, preds, emb)
 
     def set_kernel_backend(self, backend: str) -> None:
@@ -152,9 +157,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> EmbeddingModel:
     return EmbeddingModel(cfg)
 
 
-def build_face_model(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int) -> FaceModel:
-    """The embedding model with its training head and/or pair loss, as the config names them."""
+def build_face_model(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int, *, seed: int = 0) -> FaceModel:
+    """The embedding model with its training head and/or pair loss, as the config names them.
+    With ``loss_cfg.head_parallel`` the head is this process's shard (:mod:`trainer.sharded_head`),
+    its centres initialised from ``seed``."""
     from facefuse.trainer.losses import HEADS, PAIR_LOSSES, build_head, build_pair_loss
+    from facefuse.trainer.sharded_head import ShardedMarginHead
 
     embedder = build_model(model_cfg, num_classes)
     backend = "torch" if model_cfg.kernels == "auto" else model_cfg.kernels
@@ -163,9 +171,14 @@ def build_face_model(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: 
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(HEADS.names() + PAIR_LOSSES.names())}")
     head = None
     if name in HEADS:
-        head = build_head(name, model_cfg.embedding_dim, num_classes, s=loss_cfg.scale, margin=loss_cfg.margin,
-                          m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, easy_margin=loss_cfg.easy_margin,
-                          label_smoothing=loss_cfg.label_smoothing, kernel_backend=backend)
+        options = dict(s=loss_cfg.scale, margin=loss_cfg.margin, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3,
+                       easy_margin=loss_cfg.easy_margin, label_smoothing=loss_cfg.label_smoothing,
+                       kernel_backend=backend)
+        if loss_cfg.head_parallel:
+            head = ShardedMarginHead.from_options(name, model_cfg.embedding_dim, num_classes,
+                                                  sample_rate=loss_cfg.sample_rate, seed=seed, **options)
+        else:
+            head = build_head(name, model_cfg.embedding_dim, num_classes, **options)
     pair_name = loss_cfg.pair_loss if name in HEADS else name
     pair = None
     if pair_name:
