@@ -194,6 +194,14 @@ def quantize_cmd(onnx_in, out, calib_images, n_images, calib_method, reduce_rang
     _echo_quant(quantize_int8(onnx_in, out, calib_images, n_images=n_images, method=calib_method, reduce_range=rr))
 
 
+def _is_embed_folder(path) -> bool:
+    from pathlib import Path
+
+    from facefuse.export.extract import MANIFEST
+
+    return (Path(path) / MANIFEST).is_file()
+
+
 def _embedder(model):
     from facefuse.export.runtime import load_embedder
 
@@ -265,8 +273,9 @@ def index_build(gallery_dir, model, out_dir, embeddings, labels, kind, nlist, pq
 
     params = dict(nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m, nprobe=nprobe, k_factor=k_factor, ef_search=ef_search)
     if embeddings or labels:
-        if gallery_dir or not (embeddings and labels):
-            raise FacefuseError("give GALLERY_DIR, or --embeddings with --labels (not both)")
+        if gallery_dir or not (embeddings and (labels or _is_embed_folder(embeddings))):
+            raise FacefuseError("give GALLERY_DIR, or --embeddings with --labels (not both; a `facefuse embed` "
+                                "folder carries its labels)")
         record = model_record(_embedder(model), model) if model else None
         g = build_index_folder_from_embeddings(embeddings, labels, out_dir, model=record, kind=kind, **params)
         skipped = 0
@@ -295,8 +304,9 @@ def index_add(index_dir, images, model, identity, embeddings, labels, batch_size
     from facefuse.index.enroll import add_embeddings_to_index_folder, add_to_index_folder, index_model_path
 
     if embeddings or labels:
-        if images or not (embeddings and labels):
-            raise FacefuseError("give IMAGES, or --embeddings with --labels (not both)")
+        if images or not (embeddings and (labels or _is_embed_folder(embeddings))):
+            raise FacefuseError("give IMAGES, or --embeddings with --labels (not both; a `facefuse embed` "
+                                "folder carries its labels)")
         g, added = add_embeddings_to_index_folder(index_dir, embeddings, labels)
         what = "embeddings"
     else:

@@ -19,19 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import BadImageError, FacefuseError
 from .images import open_rgb
+from .vectors import l2_normalize  # noqa: F401  (part of this module's API)
 
 MAX_LISTED = 5  # bad images named in one error message
 IN_PROCESS_BELOW = 64  # fewer images are decoded in-process: starting workers would cost more
-
-
-def l2_normalize(x) -> np.ndarray:
-    """Rows scaled to unit L2 norm: a new float32 array, zero rows stay zero."""
-    x = np.array(x, dtype=np.float32, copy=True)
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-D array of vectors, got shape {x.shape}")
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, n, out=x, where=n > 0)
-    return x
 
 
 def embed_batch_tta(embed_batch: Callable, x: torch.Tensor, flip_tta: bool) -> np.ndarray:

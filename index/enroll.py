@@ -189,6 +189,11 @@ def read_labels(path: str | Path, n: int, source: str | Path = "the embeddings")
 
 
 def _embeddings_and_labels(embeddings, labels):
+    if labels is None:  # a `facefuse embed` output folder: shards in global order with its labels and paths
+        from facefuse.export.extract import load_embeddings as load_embed_folder
+
+        x, ids, paths = load_embed_folder(embeddings)
+        return x, ids, paths
     x = load_embeddings(embeddings)
     ids, paths = read_labels(labels, len(x), embeddings)
     return x, ids, paths

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import faiss
 import numpy as np
 
-from facefuse.core.embed import l2_normalize as normalize  # the one L2-normalisation
+from facefuse.core.vectors import l2_normalize as normalize  # the one L2-normalisation
 from facefuse.core.registry import Registry
 
 DEFAULT_NPROBE = 16

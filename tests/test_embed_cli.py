@@ -81,3 +81,21 @@ def test_list_file_and_rows_per_rank(setup, tmp_path):
         assert all(a[1] == b[0] and a[1] % batch == 0 for a, b in zip(parts, parts[1:]) if a[1] < count)
     r = run_cli("embed", tmp_path / "missing", "--model", model, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "no such folder or list file" in r.output
+
+
+def test_index_build_from_embed_folders_reproduces_the_image_gallery(setup, tmp_path):
+    """`facefuse embed` under torchrun, then `index build --embeddings EMB/` (labels from the folder),
+    gives the gallery that `index build` from the images gives, row for row."""
+    tmp, faces, model = setup
+    from facefuse.index.gallery import load_gallery
+
+    r = _embed(2, faces, model, tmp_path / "emb")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for args, out in ((["--embeddings", tmp_path / "emb", "--model", model], "from-emb"),
+                      ([faces, "--model", model, "--workers", 0, "--batch-size", 4], "from-images")):
+        res = run_cli("index", "build", *args, "--kind", "flat", "-o", tmp_path / out)
+        assert res.exit_code == 0, res.output
+    a, b = load_gallery(tmp_path / "from-emb"), load_gallery(tmp_path / "from-images")
+    assert a.identities == b.identities and [str(p) for p in a.paths] == [str(p) for p in b.paths]
+    xa, xb = a.index.reconstruct_n(0, len(a)), b.index.reconstruct_n(0, len(b))
+    np.testing.assert_allclose(xa, xb, atol=1e-6)
