@@ -13,16 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from .errors import BadImageError
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
-IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
-
-
-def is_image(path: Path) -> bool:
-    """An existing file with an image extension (hidden files are not images)."""
-    path = Path(path)
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
+from .folders import IGNORED_NAMES, IMAGE_EXTENSIONS, is_image  # noqa: F401  (part of this module's API)
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode an image fully and return it as RGB (grey, palette, 16-bit and RGBA are converted).

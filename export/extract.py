@@ -27,7 +27,7 @@ import torch
 
 from facefuse.core.errors import FacefuseError
 from facefuse.core.files import atomic_path, atomic_write_text
-from facefuse.core.images import is_image
+from facefuse.core.folders import scan_identity_folder
 from facefuse.trainer import distributed
 
 FORMAT, VERSION = "facefuse-embeddings", 1
@@ -39,15 +39,11 @@ def shard_file(rank: int, world_size: int) -> str:
 
 
 def list_images(source: str | Path) -> tuple[list[Path], list[str]]:
-    """``(paths, labels)`` in the global order: a folder's images sorted (label: the first folder
-    below it), or a list file's lines in order."""
+    """``(paths, labels)`` in the global order: a folder read as ``index build`` reads a gallery
+    (:func:`core.folders.scan_identity_folder`), or a list file's lines in order."""
     source = Path(source)
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.is_file() and is_image(p))
-        if not paths:
-            raise FacefuseError(f"{source}: folder holds no images")
-        rel = [p.relative_to(source).parts for p in paths]
-        return paths, [parts[0] if len(parts) > 1 else "" for parts in rel]
+        return scan_identity_folder(source)
     if not source.is_file():
         raise FacefuseError(f"{source}: no such folder or list file")
     paths, labels = [], []

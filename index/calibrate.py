@@ -38,8 +38,8 @@ import numpy as np
 
 from facefuse.core import metrics
 from facefuse.core.errors import FacefuseError
-from facefuse.core.images import is_image
 from facefuse.core.pairs import read_pairs
+from facefuse.core.folders import scan_identity_folder
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 DEFAULT_IMPOSTORS = 1_000_000
@@ -79,20 +79,12 @@ def supported_fars(fars, n_impostors: int, explicit: bool) -> tuple[float, ...]:
 
 
 def scan_identities(folder: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Images of a folder with one sub-folder per identity: ``(paths, identity index per image, names)``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FacefuseError(f"{folder}: no such folder")
-    paths, ids, names = [], [], []
-    for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
-        found = sorted(p for p in sub.rglob("*") if is_image(p))
-        if found:
-            paths += found
-            ids += [len(names)] * len(found)
-            names.append(sub.name)
-    if not paths:
-        raise FacefuseError(f"{folder}: no identity sub-folders with images (expected <folder>/<identity>/*.jpg)")
-    return paths, np.array(ids, dtype=np.int64), names
+    """Images of an identity folder (as a gallery folder is read: :func:`core.folders.scan_identity_folder`):
+    ``(paths, identity index per image, names)``."""
+    paths, identities = scan_identity_folder(folder)
+    names = list(dict.fromkeys(identities))
+    index = {n: i for i, n in enumerate(names)}
+    return paths, np.array([index[n] for n in identities], dtype=np.int64), names
 
 
 def genuine_pairs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

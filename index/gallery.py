@@ -30,6 +30,8 @@ import faiss
 import numpy as np
 
 from facefuse.core.errors import FacefuseError
+from facefuse.core.folders import identity_from_name  # noqa: F401  (part of this module's API)
+from facefuse.core.folders import scan_identity_folder as scan_gallery  # noqa: F401
 from facefuse.core.files import atomic_write_text
 from facefuse.index import search as S
 
@@ -316,37 +318,3 @@ def _same_generation(meta: dict, folder: Path) -> bool:
     except FacefuseError:
         return True
     return (now.get("index_file"), now.get("generation")) == (meta.get("index_file"), meta.get("generation"))
-
-
-# ---------------------------------------------------------------- image folders
-
-
-def identity_from_name(path: Path) -> str:
-    """``<identity>_<anything>.ext`` -> identity, split at the last underscore (so LFW's
-    ``George_W_Bush_0001.jpg`` is ``George_W_Bush``); a name without ``_`` is its own identity."""
-    stem = path.stem
-    return stem.rsplit("_", 1)[0] if "_" in stem else stem
-
-
-def scan_gallery(folder: str | Path) -> tuple[list[Path], list[str]]:
-    """Images and identities of a gallery folder: each sub-folder is one identity (its images, at
-    any depth, belong to it); images directly in ``folder`` are named ``<identity>_<anything>``."""
-    from facefuse.core.images import is_image  # imports torch: only when images are read
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FacefuseError(f"{folder}: no such gallery folder")
-    paths, ids = [], []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_dir() and not entry.name.startswith("."):
-            for p in sorted(entry.rglob("*")):
-                if is_image(p):
-                    paths.append(p)
-                    ids.append(entry.name)
-        elif is_image(entry):
-            paths.append(entry)
-            ids.append(identity_from_name(entry))
-    if not paths:
-        raise FacefuseError(f"{folder}: the gallery is empty (no images; expected one folder per identity "
-                            "or images named <identity>_<anything>.jpg)")
-    return paths, ids
