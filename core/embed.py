@@ -35,13 +35,15 @@ def embed_batch_tta(embed_batch: Callable, x: torch.Tensor, flip_tta: bool) -> n
 
 def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, batch_size: int = 64,
                 num_workers: int | None = None, flip_tta: bool = False, skip_missing: bool = False,
-                where: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                where: dict | None = None, progress: Callable[[int], object] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Embed image files; decoding runs in ``num_workers`` DataLoader workers.
 
     Returns ``(embeddings N x dim float32 L2-normalised, ok N bool)``; rows of failed images are zero.
     A missing or undecodable image raises :class:`FacefuseError` listing the first few (with
     ``where[path]``, e.g. ``"pairs.txt:17"``, when given) unless ``skip_missing``. Missing files are
-    found before any decoding starts, so that error comes at once.
+    found before any decoding starts, so that error comes at once. ``progress(n)`` is called after
+    each batch with the number of images it embedded (e.g. a tqdm bar's ``update``).
     """
     paths = [Path(p) for p in paths]
     errors = {i: f"{p}: {'is a folder, not an image' if p.is_dir() else 'no such file'}"
@@ -61,6 +63,8 @@ def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, batch_size
             if x is not None:
                 rows.append(l2_normalize(embed_batch_tta(embed_batch, x, flip_tta)))
                 done += [todo[j] for j in idx]
+                if progress is not None:
+                    progress(len(idx))
     if errors and not skip_missing:
         raise FacefuseError(_listing(errors, paths, where, "unreadable"))
     out = np.zeros((len(paths), dim), dtype=np.float32)

@@ -63,10 +63,11 @@ class Embedder(ABC):
 
     def embed_paths(self, paths, *, batch_size: int = 64, num_workers: int | None = None,
                     flip_tta: bool = False, skip_missing: bool = False,
-                    where: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    where: dict | None = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
         """Embed image files with this model: :func:`facefuse.core.embed.embed_paths`."""
         return embed_paths(self._run, paths, self.transform(), dim=self.dim, batch_size=batch_size,
-                           num_workers=num_workers, flip_tta=flip_tta, skip_missing=skip_missing, where=where)
+                           num_workers=num_workers, flip_tta=flip_tta, skip_missing=skip_missing, where=where,
+                           progress=progress)
 
 
 # ---------------------------------------------------------------- ONNX Runtime

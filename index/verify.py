@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from facefuse.core import metrics
-from facefuse.core.embed import embed_paths
 from facefuse.core.pairs import Pairs, read_pairs
 from facefuse.core.errors import FacefuseError
 from facefuse.core.files import atomic_path
@@ -71,19 +70,13 @@ def embed_images(embedder, images, *, batch_size: int = 64, num_workers: int | N
                  flip_tta: bool = False, skip_missing: bool = False, where: dict | None = None,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``embedder.embed_paths`` with a progress bar on stderr (tqdm; shown on a terminal only) and
-    the non-finite check. The bar counts the batches the model runs, so it wraps the embedder's
-    batch function (``Embedder.embed_paths`` has no progress hook)."""
+    the non-finite check."""
     from tqdm import tqdm
 
-    with tqdm(total=len(images) * (2 if flip_tta else 1), unit="img", desc="embedding", leave=False,
+    with tqdm(total=len(images), unit="img", desc="embedding", leave=False,
               disable=None if progress else True) as bar:
-        def run(x):
-            e = embedder._run(x)
-            bar.update(len(x))
-            return e
-
-        emb, ok = embed_paths(run, images, embedder.transform(), dim=embedder.dim, batch_size=batch_size,
-                              num_workers=num_workers, flip_tta=flip_tta, skip_missing=skip_missing, where=where)
+        emb, ok = embedder.embed_paths(images, batch_size=batch_size, num_workers=num_workers, flip_tta=flip_tta,
+                                       skip_missing=skip_missing, where=where, progress=bar.update)
     check_finite(emb, ok, images, where)
     return emb, ok
 
