@@ -100,7 +100,7 @@ def _export(wrapper: nn.Module, size: int, path: Path, opset: int | None, export
     reason = None
     if exporter in ("auto", "dynamo"):
         try:
-            with _quiet():
+            with quiet():
                 torch.onnx.export(wrapper, (x,), str(path), dynamo=True, input_names=["input"],
                                   output_names=["embedding"], opset_version=opset, verbose=False,
                                   dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False)
@@ -109,7 +109,7 @@ def _export(wrapper: nn.Module, size: int, path: Path, opset: int | None, export
             if exporter == "dynamo":
                 raise FacefuseError(f"dynamo ONNX export failed: {_first_line(exc)}") from None
             reason = f"{type(exc).__name__}: {_first_line(exc)}"
-    with _quiet():
+    with quiet():
         torch.onnx.export(wrapper, (x,), str(path), dynamo=False, input_names=["input"],
                           output_names=["embedding"], opset_version=opset or 17,
                           dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}})
@@ -185,8 +185,9 @@ def _synthetic_images(n: int, size: int):
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The exporters print progress and warnings; the CLI prints its own summary."""
+def quiet():
+    """Silence what exporters and ORT's quantizer print (progress on stdout, warnings); the CLI
+    prints its own summary."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield

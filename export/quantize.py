@@ -18,11 +18,8 @@ with ``facefuse.dtype = int8`` and the calibration provenance added.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from facefuse.core.embed import l2_normalize
 from facefuse.core.errors import BadImageError, FacefuseError
 from facefuse.core.files import atomic_path
 from facefuse.core.images import is_image, open_rgb
+from facefuse.export.onnx_export import quiet
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "percentile", "entropy")
@@ -90,8 +88,8 @@ class _Reader:
 
     def __init__(self, name: str, x: np.ndarray):
         # equal batches: ORT's histogram calibrators stack the outputs of every batch
-        usable = len(x) - len(x) % CALIB_BATCH if len(x) >= CALIB_BATCH else len(x)
-        size = CALIB_BATCH if len(x) >= CALIB_BATCH else len(x)
+        size = min(CALIB_BATCH, len(x))
+        usable = len(x) - len(x) % size
         self.feeds = iter([{name: x[i:i + size]} for i in range(0, usable, size)])
 
     def get_next(self):
@@ -116,7 +114,7 @@ def quantize_int8(onnx_in: str | Path, out: str | Path, calib_folder: str | Path
     out = Path(out)
     if out.is_dir():
         raise FacefuseError(f"--out {out}: is a folder; give a file name like model-int8.onnx")
-    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as work, _quiet():
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as work, quiet():
         _quantize(Path(onnx_in), Path(tmp), Path(work), _Reader(fp32.input_name, calib), method, tuple(ops), rr)
         _copy_metadata(fp32.meta_props, Path(tmp), {"dtype": "int8", "quantization": {
             "format": "QDQ", "weights": "int8 per-channel symmetric" + (" (7-bit range)" if rr else ""),
@@ -146,14 +144,6 @@ def _quantize(src: Path, dst: Path, work: Path, reader, method: str, ops: tuple,
                     op_types_to_quantize=list(ops), calibrate_method=calibrate,
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                    "CalibPercentile": 99.99, "CalibTensorRangeSymmetric": False})
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ORT's calibrators print progress on stdout and log warnings; the CLI prints its own summary."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _copy_metadata(props: dict[str, str], path: Path, extra: dict) -> None:
