@@ -27,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import device_name, print_table, write_results  # noqa: E402
 
 
+VARIANTS = {"onnx-int8-matmul-only": ("MatMul", "Gemm"), "onnx-int8-conv-only": ("Conv",)}
+
+
 def fold_pairs(k: int):
     """The official pairs of LFW fold ``k`` (paths, labels)."""
     from facefuse.core.pairs import read_pairs
@@ -72,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime / torch intra-op threads")
+    ap.add_argument("--int8-variants", action="store_true",
+                    help="also INT8 models quantizing only the MatMul/Gemm or only the Conv operators")
     args = ap.parse_args(argv)
 
     import torch
@@ -88,6 +93,10 @@ def main(argv=None) -> int:
         embedders = {"eager": TorchEmbedder(args.model, device="cpu"),
                      "onnx-fp32": OnnxEmbedder(fp32, threads=args.threads),
                      "onnx-int8": OnnxEmbedder(int8, threads=args.threads)}
+        for name, ops in (VARIANTS.items() if args.int8_variants else ()):
+            path = Path(tmp) / f"{name}.onnx"
+            quantize_int8(fp32, path, args.calib_images, ops=ops)
+            embedders[name] = OnnxEmbedder(path, threads=args.threads)
         size = embedders["eager"].meta.image_size
         x = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
         load_before = os.getloadavg()[0]
