@@ -64,6 +64,7 @@ Work per call: :func:`margin_ce_work` (GEMM-equivalents and bytes, forward and b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -400,14 +401,13 @@ def _target_terms(x, weight, labels, s, m1, m2, m3, easy_margin):
     return (s * phi).float(), slope.float()
 
 
-def _forward(x, weight, labels, s, m1, m2, m3, easy_margin, ls):
+def _partials(x, weight, labels, zt, s):
+    """One launch of the forward kernel over all of ``weight``'s classes, merged over the splits:
+    per row ``(nx, nw, m, l, zsum, best, column)`` with ``m`` the row's max logit, ``l = sum_j
+    exp(z_ij - m)``, ``zsum = sum_j z_ij``, ``best`` the max cos and ``column`` its (first) class.
+    ``labels`` marks each row's target column (``-1``: none in ``weight``), ``zt`` its logit."""
     B, D = x.shape
     C = weight.shape[0]
-    # out-of-range labels (only possible with check_labels off): computed on a clamped copy, NaN loss
-    bad = ((labels < 0) | (labels >= C)).any()
-    safe = labels.clamp(0, C - 1)
-    zt, dphi = _target_terms(x, weight, safe, s, m1, m2, m3, easy_margin)
-
     n_splits, per_split = split_range(C, triton.cdiv(B, 64), 4 * sm_count(x.device), _SPLIT_GRANULE)
     f32 = dict(device=x.device, dtype=torch.float32)
     nx, nw = torch.empty(B, **f32), torch.empty(C, **f32)
@@ -422,20 +422,33 @@ def _forward(x, weight, labels, s, m1, m2, m3, easy_margin, ls):
     )
     # merge the per-split partials (O(B x splits))
     m = part_m.max(dim=0).values
-    lse = m + torch.log((part_l * torch.exp(part_m - m)).sum(dim=0))
-    zsum = part_sz.sum(dim=0)
+    lsum = (part_l * torch.exp(part_m - m)).sum(dim=0)
     first_best = part_best.argmax(dim=0, keepdim=True)  # first split holding the max: lowest index
-    preds = part_arg.gather(0, first_best).squeeze(0).long()
+    best = part_best.gather(0, first_best).squeeze(0)
+    column = part_arg.gather(0, first_best).squeeze(0).long()
+    return nx, nw, m, lsum, part_sz.sum(dim=0), best, column
+
+
+def _forward(x, weight, labels, s, m1, m2, m3, easy_margin, ls):
+    C = weight.shape[0]
+    # out-of-range labels (only possible with check_labels off): computed on a clamped copy, NaN loss
+    bad = ((labels < 0) | (labels >= C)).any()
+    safe = labels.clamp(0, C - 1)
+    zt, dphi = _target_terms(x, weight, safe, s, m1, m2, m3, easy_margin)
+    nx, nw, m, lsum, zsum, _best, preds = _partials(x, weight, labels, zt, s)
+    lse = m + torch.log(lsum)
     per_row = lse - (1.0 - ls) * zt - (ls / C) * zsum
     per_row = torch.where(bad, float("nan"), per_row)
     return per_row, preds, (nx, nw, lse, zt, dphi)
 
 
-def _backward(x, weight, labels, saved, g, s, ls, need_dx, need_dw, filt_eps):
-    """dx (x's dtype) and dW (weight's dtype) of the fused loss; ``filt_eps`` None: no filtering."""
+def _backward(x, weight, labels, saved, g, s, ls, need_dx, need_dw, filt_eps, num_classes=None):
+    """dx (x's dtype) and dW (weight's dtype) of the fused loss; ``filt_eps`` None: no filtering.
+    ``num_classes``: the softmax's class count (label smoothing's C) when ``weight`` is one shard."""
     nx, nw, lse, zt, dphi = saved
     B, D = x.shape
     C = weight.shape[0]
+    n_cls = num_classes or C
     f32 = dict(device=x.device, dtype=torch.float32)
     analytic = filt_eps is not None and ls > 0
     dx = torch.zeros(B, D, **f32) if need_dx else None
@@ -446,14 +459,14 @@ def _backward(x, weight, labels, saved, g, s, ls, need_dx, need_dw, filt_eps):
         xg = ((g * inv_nx)[:, None] * x.float()).sum(dim=0)
         ws = torch.zeros(D, **f32)
         _ls_pass_kernel[(triton.cdiv(C, _LS_BLOCK_C),)](
-            weight, nw, xg, dw if need_dw else ws, ws, C, D, weight.stride(0), -float(s) * ls / C, NORM_EPS,
+            weight, nw, xg, dw if need_dw else ws, ws, C, D, weight.stride(0), -float(s) * ls / n_cls, NORM_EPS,
             WRITE_DW=bool(need_dw), BLOCK_C=_LS_BLOCK_C, BLOCK_D=_LS_BLOCK_D)
     grid = lambda m: (triton.cdiv(B, m["BLOCK_B"]) * triton.cdiv(C, m["BLOCK_C"]),)  # noqa: E731
     _margin_ce_bwd_kernel[grid](
         x, weight, labels, nx, nw, lse, zt, dphi, g,
         dx if need_dx else x, dw if need_dw else x,
         B, C, D, x.stride(0), weight.stride(0),
-        float(s), float(ls), 0.0 if analytic else ls / C, ls / C if analytic else 0.0, NORM_EPS,
+        float(s), float(ls), 0.0 if analytic else ls / n_cls, ls / n_cls if analytic else 0.0, NORM_EPS,
         -1.0 if filt_eps is None else float(filt_eps),
         NEED_DX=bool(need_dx), NEED_DW=bool(need_dw), INTERP=INTERPRETING, DOT_PREC=dot_precision(x.dtype),
     )
@@ -461,7 +474,7 @@ def _backward(x, weight, labels, saved, g, s, ls, need_dx, need_dw, filt_eps):
         inv_nx = 1.0 / nx.clamp_min(NORM_EPS)
         xh = x.float() * inv_nx[:, None]
         proj = torch.where(nx >= NORM_EPS, xh @ ws, 0.0)
-        dx += (-float(s) * ls / C * g * inv_nx)[:, None] * (ws[None, :] - xh * proj[:, None])
+        dx += (-float(s) * ls / n_cls * g * inv_nx)[:, None] * (ws[None, :] - xh * proj[:, None])
     return (dx.to(x.dtype) if need_dx else None), (dw.to(weight.dtype) if need_dw else None)
 
 
@@ -579,6 +592,53 @@ def margin_cross_entropy(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, e
         x, weight, labels.long().contiguous(), float(s), float(m1), float(m2), float(m3), bool(easy_margin),
         float(label_smoothing), filt_eps)
     return _pack(mean, per_row, preds, return_per_row, return_preds)
+
+
+@dataclass
+class ShardPartials:
+    """One class shard's part of :func:`margin_cross_entropy`, per row of the (gathered) batch.
+
+    ``m``: max over the shard's logits z; ``l``: sum over the shard of exp(z - m); ``zt``: the
+    margin-adjusted target logit s*phi (0 where another shard owns the label); ``zsum``: sum of the
+    shard's z; ``best`` / ``column``: max cos (no margin) and its column in the shard. ``saved``:
+    what :func:`margin_ce_shard_backward` needs besides the global log-sum-exp."""
+
+    m: torch.Tensor
+    l: torch.Tensor
+    zt: torch.Tensor
+    zsum: torch.Tensor
+    best: torch.Tensor
+    column: torch.Tensor
+    saved: tuple
+
+
+def margin_ce_shard_forward(x, weight, target, *, s, m1, m2, m3, easy_margin) -> ShardPartials:
+    """The fused forward over one shard of the class centres (a model-parallel head,
+    ``trainer/sharded_head.py``), with no B x C_shard tensor: ``target`` holds each row's label as
+    a column of ``weight``, or -1 where another shard owns it. The caller combines the shards'
+    partials (``lse = M + log sum_shards l exp(m - M)``, M the max of the m's) and calls
+    :func:`margin_ce_shard_backward` with that global ``lse``. Not differentiable itself."""
+    _check_shapes(x, weight, target)
+    check_float_dtype(x, "x")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"weight must share x's dtype or be float32, got x {x.dtype} and weight {weight.dtype}")
+    target = target.long().contiguous()
+    owned = target >= 0
+    zt, dphi = _target_terms(x, weight, target.clamp(0, weight.shape[0] - 1), s, m1, m2, m3, easy_margin)
+    zt, dphi = torch.where(owned, zt, 0.0), torch.where(owned, dphi, 0.0)
+    nx, nw, m, lsum, zsum, best, column = _partials(x, weight, target, zt, s)
+    return ShardPartials(m, lsum, zt, zsum, best, column, (target, nx, nw, zt, dphi))
+
+
+def margin_ce_shard_backward(x, weight, partials: ShardPartials, lse, g, *, s, label_smoothing, num_classes,
+                             need_dx=True, need_dw=True):
+    """dx and dW of one shard's part of the loss ``mean_i [lse_i - (1-eps) z_iy - eps/C sum_j z_ij]``
+    given the global ``lse`` (B), per-row gradient weights ``g`` (B, e.g. 1/B) and the softmax's
+    total class count ``num_classes`` (C of all shards). dx is this shard's share only: the
+    caller sums the shards' shares (the embeddings' all-gather does, in its backward)."""
+    target, nx, nw, zt, dphi = partials.saved
+    return _backward(x, weight, target, (nx, nw, lse.float().contiguous(), zt, dphi), g.float().contiguous(),
+                     float(s), float(label_smoothing), need_dx, need_dw, None, num_classes=float(num_classes))
 
 
 def margin_cross_entropy_reference(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=False,

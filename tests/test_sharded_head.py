@@ -1,10 +1,13 @@
 """The model-parallel margin head (trainer/sharded_head.py) against the replicated MarginHead on one
 process: loss, gradients of every shard of W and of every rank's embeddings, predictions. Two and
 three gloo processes (torch.multiprocessing.spawn), float64, class counts that do not divide by the
-world size; class sampling keeps every positive and r = 1 is the full head."""
+world size; class sampling keeps every positive and r = 1 is the full head. The fused-kernel path
+(``kernel_backend="triton"``: per-row shard partials, no B x C/N logits) runs the same cases in
+float32 under the Triton interpreter and must match the float64 full head to float32 tolerance."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 
@@ -29,6 +32,8 @@ CASES = {  # name: (head, options, classes, sample_rate)
     "sampled": ("arcface", {"label_smoothing": 0.1}, 29, 0.3),
 }
 SCALE = 8.0
+BACKENDS = ("torch", "triton")
+TOL = {"torch": {"rtol": 1e-10, "atol": 1e-12}, "triton": {"rtol": 2e-4, "atol": 2e-6}}
 
 
 def _batch(world: int, classes: int):
@@ -43,20 +48,22 @@ def _worker(rank: int, world: int, init: str, out: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     results = {}
-    for case, (name, opts, classes, rate) in CASES.items():
+    for (case, (name, opts, classes, rate)), backend in itertools.product(CASES.items(), BACKENDS):
         x, y = _batch(world, classes)
         rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-        xl = x[rows].clone().requires_grad_(True)
-        head = ShardedMarginHead.from_options(name, DIM, classes, s=SCALE, sample_rate=rate, seed=3, **opts)
+        dtype = torch.float64 if backend == "torch" else torch.float32  # the kernels take fp32/bf16/fp16
+        xl = x[rows].to(dtype).requires_grad_(True)
+        head = ShardedMarginHead.from_options(name, DIM, classes, s=SCALE, sample_rate=rate, seed=3,
+                                              kernel_backend=backend, **opts)
         head.embedding_grad_scale = 1.0  # no DDP here: each rank gets its rows' exact gradient
-        head.double()
+        head.to(dtype)
         head.step = 7
         out_ = head(xl, y[rows])
         out_.loss.backward()
         kept = head.sampled_classes((y - head.start)[(y >= head.start) & (y < head.stop)] - 0)
-        results[case] = {"loss": out_.loss.detach(), "dx": xl.grad, "dw": head.weight.grad, "w": head.weight.detach(),
-                         "preds": out_.preds, "range": (head.start, head.stop),
-                         "kept": None if kept is None else kept + head.start}
+        results[case + ("" if backend == "torch" else "/triton")] = {
+            "loss": out_.loss.detach(), "dx": xl.grad, "dw": head.weight.grad, "w": head.weight.detach(),
+            "preds": out_.preds, "range": (head.start, head.stop), "kept": None if kept is None else kept + head.start}
     # gather_rows: every rank gets the sum over ranks of its rows' gradient (times grad_scale)
     v = torch.arange(B_LOCAL * DIM, dtype=torch.float64).reshape(B_LOCAL, DIM).add(rank).requires_grad_(True)
     (gather_rows(v, 2.0) * (torch.arange(world * B_LOCAL, dtype=torch.float64) + 1).unsqueeze(1)).sum().backward()
@@ -91,30 +98,34 @@ def _full_head(name, opts, classes, world):
     return head, x, y, out
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][3] == 1.0])
-def test_sharded_equals_full_head(sharded, case):
+def test_sharded_equals_full_head(sharded, case, backend):
     world, results = sharded
     name, opts, classes, _ = CASES[case]
     head, x, _, out = _full_head(name, opts, classes, world)
-    ranges = [r[case]["range"] for r in results]
+    key, tol = case + ("" if backend == "torch" else "/triton"), TOL[backend]
+    ranges = [r[key]["range"] for r in results]
     assert ranges == [shard_range(classes, world, r) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == classes and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    torch.testing.assert_close(torch.cat([r[case]["w"] for r in results]), head.weight.detach())
-    for r, res in enumerate(r[case] for r in results):
-        torch.testing.assert_close(res["loss"], out.loss.detach(), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(res["dx"], x.grad[r * B_LOCAL:(r + 1) * B_LOCAL], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([r[key]["w"] for r in results]).double(), head.weight.detach(), **tol)
+    for r, res in enumerate(r[key] for r in results):
+        torch.testing.assert_close(res["loss"].double(), out.loss.detach(), **tol)
+        torch.testing.assert_close(res["dx"].double(), x.grad[r * B_LOCAL:(r + 1) * B_LOCAL], **tol)
         lo, hi = res["range"]
-        torch.testing.assert_close(res["dw"], head.weight.grad[lo:hi], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res["dw"].double(), head.weight.grad[lo:hi], **tol)
         assert torch.equal(res["preds"], out.preds[r * B_LOCAL:(r + 1) * B_LOCAL])
 
 
-def test_sampling_keeps_every_positive_and_is_the_softmax_over_kept_classes(sharded):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_keeps_every_positive_and_is_the_softmax_over_kept_classes(sharded, backend):
     world, results = sharded
     _, opts, classes, rate = CASES["sampled"]
+    key, tol = "sampled" + ("" if backend == "torch" else "/triton"), TOL[backend]
     x, y = _batch(world, classes)
-    kept = torch.cat([r["sampled"]["kept"] for r in results])
+    kept = torch.cat([r[key]["kept"] for r in results])
     assert set(y.tolist()) <= set(kept.tolist())  # every positive of the global batch
-    for res in (r["sampled"] for r in results):
+    for res in (r[key] for r in results):
         lo, hi = res["range"]
         positives = set(y[(y >= lo) & (y < hi)].tolist())
         assert len(res["kept"]) == max(1, int(rate * (hi - lo)), len(positives)) < hi - lo
@@ -128,13 +139,13 @@ def test_sampling_keeps_every_positive_and_is_the_softmax_over_kept_classes(shar
     eps = opts["label_smoothing"]
     loss = (torch.logsumexp(z, 1) - (1 - eps) * z.gather(1, col.unsqueeze(1)).squeeze(1) - eps * z.mean(1)).mean()
     loss.backward()
-    for r, res in enumerate(r["sampled"] for r in results):
-        torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(res["dx"], xr.grad[r * B_LOCAL:(r + 1) * B_LOCAL], rtol=1e-10, atol=1e-12)
+    for r, res in enumerate(r[key] for r in results):
+        torch.testing.assert_close(res["loss"].double(), loss.detach(), **tol)
+        torch.testing.assert_close(res["dx"].double(), xr.grad[r * B_LOCAL:(r + 1) * B_LOCAL], **tol)
         lo, hi = res["range"]
         mine = (kept >= lo) & (kept < hi)
-        dw = res["dw"]
-        torch.testing.assert_close(dw[kept[mine] - lo], w.grad[mine], rtol=1e-10, atol=1e-12)
+        dw = res["dw"].double()
+        torch.testing.assert_close(dw[kept[mine] - lo], w.grad[mine], **tol)
         dropped = torch.ones(hi - lo, dtype=torch.bool)
         dropped[kept[mine] - lo] = False
         assert torch.all(dw[dropped] == 0)

@@ -22,11 +22,12 @@ a label in the global batch, plus random others up to ``max(1, int(r * C_r))`` c
 generator seeded by ``(seed, step, rank)`` (resume replays it). The softmax then runs over the kept
 classes of all ranks (C in the label-smoothing term is their count); r = 1 is the full head exactly.
 
-CUDA: :meth:`ShardedMarginHead.shard_logits` is the hook for the fused kernel
-(``kernels/margin_ce.py``). To keep the B x C/N logits off the GPU the kernel must expose, per row of
-its shard, the partials (max of z, sum of exp(z - M) for a given M, the target logit, the sum of z)
-and a backward that takes the global ``lse`` (dx, dW for the formula above). Until it does, every
-device runs the torch code here.
+Fused kernel (``kernel_backend="triton"``: CUDA, or the Triton interpreter on CPU): no rank holds
+its B x C/N logits. :func:`kernels.margin_ce.margin_ce_shard_forward` returns per row of the shard
+the max m_r of z, l_r = sum_j exp(z_ij - m_r), the target logit (0 where not owned), the sum of z
+and the best cosine; the same two all-reduces give ``lse`` (l_r is rescaled by exp(m_r - M) first),
+and :func:`kernels.margin_ce.margin_ce_shard_backward` computes this shard's dx share and dW_r from
+the global ``lse`` in one tiled pass (:class:`FusedShardCrossEntropy`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,40 @@ class ShardedCrossEntropy(torch.autograd.Function):
         return dz * (grad / z.shape[0]), None, None, None
 
 
+class FusedShardCrossEntropy(torch.autograd.Function):
+    """The same loss as :class:`ShardedCrossEntropy` (margins included) from the fused kernel's
+    per-row shard partials: returns ``(loss, best cos, its local column)``; gradients for ``x``
+    (this shard's share) and ``w``. ``hyper`` = (s, m1, m2, m3, easy_margin, eps)."""
+
+    @staticmethod
+    def forward(ctx, x, w, target, hyper, num_classes):
+        from facefuse.kernels.margin_ce import margin_ce_shard_forward
+
+        s, m1, m2, m3, easy_margin, eps = hyper
+        p = margin_ce_shard_forward(x, w, target, s=s, m1=m1, m2=m2, m3=m3, easy_margin=easy_margin)
+        m = _all_reduce(p.m.clone(), dist.ReduceOp.MAX)
+        stats = _all_reduce(torch.stack([p.l * torch.exp(p.m - m), p.zt, p.zsum]))
+        lse = m + torch.log(stats[0])
+        ctx.save_for_backward(x, w, lse)
+        ctx.partials, ctx.hyper, ctx.num_classes = p, hyper, num_classes
+        ctx.mark_non_differentiable(p.best, p.column)
+        loss = (lse - (1 - eps) * stats[1] - (eps / num_classes) * stats[2]).mean()
+        return loss, p.best, p.column
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _g_best, _g_column):
+        from facefuse.kernels.margin_ce import margin_ce_shard_backward
+
+        x, w, lse = ctx.saved_tensors
+        s, eps = ctx.hyper[0], ctx.hyper[-1]
+        g = (grad.float() / x.shape[0]).expand(x.shape[0]).contiguous()
+        dx, dw = margin_ce_shard_backward(x, w, ctx.partials, lse, g, s=s, label_smoothing=eps,
+                                          num_classes=ctx.num_classes, need_dx=ctx.needs_input_grad[0],
+                                          need_dw=ctx.needs_input_grad[1])
+        return dx, dw, None, None, None
+
+
 class ShardedMarginHead(nn.Module):
     """This rank's shard of a :class:`~trainer.losses.margin.MarginHead` (same margins, scale and
     label smoothing); ``forward(emb, labels)`` takes the local batch and returns the global loss
@@ -159,10 +194,8 @@ class ShardedMarginHead(nn.Module):
         return score.topk(keep).indices.sort().values.to(self.weight.device)
 
     def shard_logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """cos between the gathered embeddings and this shard's (kept) centres, B x C_r.
-
-        Hook for the fused kernel on CUDA (see the module docstring): it would replace this and the
-        cross-entropy below by per-row partials; today every device runs this torch code."""
+        """cos between the gathered embeddings and this shard's (kept) centres, B x C_r (the torch
+        path; the fused kernel never forms it)."""
         return cosine_logits(x, w)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
@@ -177,20 +210,26 @@ class ShardedMarginHead(nn.Module):
         if index is not None:  # local class -> its column among the kept ones
             column = torch.full_like(column, -1).index_put_((index,), torch.arange(len(index), device=y.device))
         target = torch.where(owned, column[local.clamp(0, self.stop - self.start - 1)], -1)
+        kept = float(_all_reduce(torch.tensor(float(w.shape[0]), dtype=torch.float64, device=w.device)))
+        lo = self.rank * emb.shape[0] if x.shape[0] > emb.shape[0] else 0
+        if self.kernel_backend == "triton":
+            w = w if w.dtype in (x.dtype, torch.float32) else w.to(x.dtype)
+            hyper = (self.s, self.m1, self.m2, self.m3, self.easy_margin, self.label_smoothing)
+            loss, best, col = FusedShardCrossEntropy.apply(x, w, target, hyper, kept)
+            preds = self._global_argmax(best, col, index)
+            return HeadOutput(loss, preds[lo:lo + emb.shape[0]])
         cos = self.shard_logits(x, w)
         cos = cos.to(_compute_dtype(cos.dtype))
         rows = owned.nonzero().squeeze(1)
         phi = target_logit(cos[rows, target[rows]], self.m1, self.m2, self.m3, self.easy_margin)
         z = (self.s * cos).index_put((rows, target[rows]), self.s * phi)
-        kept = float(_all_reduce(torch.tensor(float(w.shape[0]), dtype=torch.float64, device=w.device)))
         loss = ShardedCrossEntropy.apply(z, target, kept, self.label_smoothing)
-        preds = self._global_argmax(cos.detach(), index)
-        lo = self.rank * emb.shape[0] if x.shape[0] > emb.shape[0] else 0
+        preds = self._global_argmax(*cos.detach().max(dim=1), index)
         return HeadOutput(loss, preds[lo:lo + emb.shape[0]])
 
-    def _global_argmax(self, cos: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        """Class of the largest cos over every rank's (kept) classes; ties go to the lower class."""
-        best, col = cos.max(dim=1)
+    def _global_argmax(self, best: torch.Tensor, col: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """Class of the largest cos over every rank's (kept) classes, from each rank's best value
+        and its local column; ties go to the lower class."""
         cls = self.start + (col if index is None else index[col])
         if self.world_size == 1 or not dist.is_initialized():
             return cls
