@@ -5,7 +5,9 @@ in interleaved repeats so that load on the machine hits every variant alike (the
 reported with the machine's load average), and LFW fold-k verification (10-way accuracy inside
 the fold, ROC AUC, with flip TTA) on the fold's official pairs. The model must be trained
 identity-disjoint from the fold (``facefuse train ... --val-pairs-fold K --val-pairs-disjoint``);
-the INT8 model is calibrated on training identities only (``--calib-images``).
+the INT8 model is calibrated on training identities only (``--calib-images``). Each ONNX row
+also carries ORT's per-operator profile at the same batch (``top_ops``: share of kernel time and
+ms per batch per operator type), which is where INT8's time goes.
 
     python benchmarks/bench_precision.py --model runs/lfw-default --calib-images runs/calib-faces
 """
@@ -24,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import device_name, print_table, write_results  # noqa: E402
+from benchmarks.common import device_name, ort_profile, print_table, write_results  # noqa: E402
 
 
 VARIANTS = {"onnx-int8-matmul-only": ("MatMul", "Gemm"), "onnx-int8-conv-only": ("Conv",)}
@@ -90,25 +92,31 @@ def main(argv=None) -> int:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(args.model, fp32)
         q = quantize_int8(fp32, int8, args.calib_images)
+        files = {"onnx-fp32": fp32, "onnx-int8": int8}
         embedders = {"eager": TorchEmbedder(args.model, device="cpu"),
                      "onnx-fp32": OnnxEmbedder(fp32, threads=args.threads),
                      "onnx-int8": OnnxEmbedder(int8, threads=args.threads)}
         for name, ops in (VARIANTS.items() if args.int8_variants else ()):
             path = Path(tmp) / f"{name}.onnx"
             quantize_int8(fp32, path, args.calib_images, ops=ops)
+            files[name] = path
             embedders[name] = OnnxEmbedder(path, threads=args.threads)
         size = embedders["eager"].meta.image_size
         x = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
         load_before = os.getloadavg()[0]
         speed = throughput(embedders, x, args.repeats)
         load_after = os.getloadavg()[0]
+        profiles = {name: ort_profile(path, x, threads=args.threads) for name, path in files.items()}
         a, b, labels = fold_pairs(args.fold)
         rows = []
         for name, e in embedders.items():
             rows.append({"precision": name, "img_per_s": round(speed[name], 1),
                          "speedup_vs_onnx_fp32": round(speed[name] / speed["onnx-fp32"], 3),
-                         **{k: round(v, 4) for k, v in verification(e, a, b, labels, args.batch).items()}})
+                         **{k: round(v, 4) for k, v in verification(e, a, b, labels, args.batch).items()},
+                         "top_ops": profiles.get(name)})
     print_table(rows, ["precision", "img_per_s", "speedup_vs_onnx_fp32", "accuracy", "auc", "tar_at_far_1e-2"])
+    for name, prof in profiles.items():
+        print(f"{name}: " + ", ".join(f"{p['op']} {p['ms_per_run']:.1f} ms ({100 * p['share']:.0f}%)" for p in prof))
     settings = {"model": args.model.name, "backbone": embedders["eager"].meta.backbone, "image_size": size,
                 "fold": args.fold, "batch": args.batch, "repeats": args.repeats, "threads": args.threads,
                 "int8": {"min_cosine_held_out": round(q.min_cosine, 5), "mean_cosine_held_out": round(q.mean_cosine, 5),

@@ -21,7 +21,7 @@ of an enrolled face); exact search defines the true neighbour.
     python benchmarks/bench_search.py --sizes 1e6 --kinds flat ivfpq    # the 10^6 x 512 target
     python benchmarks/bench_search.py --sizes 1e7 --dim 256 --kinds ivfpq-sq8
 
-Writes benchmarks/results/search-<data>-<device>.json.
+Writes benchmarks/results/search-<data>[-<tag>]-<device>.json.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import os
 import resource
 import sys
 import time
@@ -72,6 +73,7 @@ def parse_args(argv):
                    help="skip kinds whose stored vectors (4 or 1 byte per dimension) exceed this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the results JSON goes")
+    p.add_argument("--tag", default="", help="appended to the results name: search-<data>[-<tag>]-<device>.json")
     return p.parse_args(argv)
 
 
@@ -220,7 +222,7 @@ def run_kind(kind, n, d, xq, gt, train, args):
         rows.append({"n": n, "dim": d, "kind": kind, "build": build_desc or "-",
                      "param": ",".join(f"{k}={v}" for k, v in sp.items()) or "-", "build_s": build_s,
                      "rss_gb": rss, "index_gb": index_gb, "p50_ms": p50, "p99_ms": p99, "batch_qps": qps,
-                     "recall@1": recall, "tuned": ""})
+                     "recall@1": recall, "tuned": "", "load_avg_1m": os.getloadavg()[0]})
     ok = [r for r in rows if r["recall@1"] >= args.target_recall]
     if ok:
         min(ok, key=lambda r: r["p50_ms"])["tuned"] = "yes"
@@ -271,7 +273,7 @@ def main(argv=None):
     settings["faiss_gpus"] = faiss.get_num_gpus()
     settings["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     settings["out_dir"] = None  # no machine path in the results file
-    path = write_results(f"search-{args.data}", device, settings, results, args.out_dir)
+    path = write_results(f"search-{args.data}" + (f"-{args.tag}" if args.tag else ""), device, settings, results, args.out_dir)
     print(f"wrote {path}")
 
 

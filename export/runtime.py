@@ -11,6 +11,7 @@ Embeddings returned to callers are float32 numpy arrays, L2-normalised row by ro
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -73,6 +74,29 @@ class Embedder(ABC):
 # ---------------------------------------------------------------- ONNX Runtime
 
 
+def session_options(threads: int = 0):
+    """ORT session options, chosen (``benchmarks/bench_embed.py`` measures them):
+
+    - all graph optimisations, including the CPU's NCHWc layout (blocked convolutions with fused
+      bias/activation/residual): ``ORT_ENABLE_EXTENDED`` ran ConvNeXt-atto (batch 32, 2 cores)
+      at 0.42x of this, so no optimised model is saved beside the original (an NCHWc-optimised
+      file is only valid on the CPU that wrote it, and optimising at load takes well under a second);
+    - an explicit intra-op thread count: the cores this process may use (its affinity mask, which
+      respects ``taskset`` and container limits, unlike ORT's own count), or ``threads``;
+    - spinning worker threads (ORT's default, stated): turning it off cost 5-15% on 2 cores;
+    - the memory arena (default), so a repeated batch shape allocates nothing."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = True
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.log_severity_level = 3
+    return opts
+
+
 def onnx_providers() -> list[str]:
     """CUDA only when torch sees a GPU (ORT lists CUDA on machines that have none)."""
     return (["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.cuda.is_available()
@@ -110,11 +134,8 @@ class OnnxEmbedder(Embedder):
         path = Path(path)
         if not path.is_file():
             raise FacefuseError(f"{path}: no such model file")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers or onnx_providers())
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers or onnx_providers())
         except Exception as exc:  # ORT raises its own untyped exceptions for bad files
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise FacefuseError(f"{path}: not a valid ONNX model ({first})") from None
