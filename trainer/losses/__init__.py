@@ -18,6 +18,7 @@ from facefuse.trainer.losses.margin import (
     SphereFace,
     build_head,
 )
+from facefuse.trainer.losses.adaptive import AdaFace, SubCenterArcFace
 from facefuse.trainer.losses.miners import MINERS, AnchorPositiveIndices, PairIndices, TripletIndices
 from facefuse.trainer.losses.pair import (
     PAIR_LOSSES,
@@ -34,6 +35,7 @@ from facefuse.trainer.losses.pair import (
 CLASSIFICATION_HEADS = HEADS  # the former name, kept until its users move to HEADS
 
 __all__ = [
+    "AdaFace",
     "AnchorPositiveIndices",
     "ArcFace",
     "CLASSIFICATION_HEADS",
@@ -53,6 +55,7 @@ __all__ = [
     "PairLoss",
     "SoftmaxHead",
     "SphereFace",
+    "SubCenterArcFace",
     "SupConLoss",
     "TripletIndices",
     "TripletLoss",
