@@ -89,6 +89,29 @@ def test_onnx_matches_pytorch_float64_at_any_batch(exported, model_file, images,
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)
 
 
+def test_io_binding_equals_plain_run_and_reference(exported, model_file, images):
+    """The I/O-binding path (on by default on CUDA) binds torch buffers by pointer; on CPU it must
+    give the plain run's embeddings, at batch 1 and at a batch that differs from the last call's."""
+    ref, x = _reference(model_file, images)
+    bound, plain = OnnxEmbedder(exported[0], io_binding=True), OnnxEmbedder(exported[0])
+    assert bound.io_binding and not plain.io_binding  # no GPU here: off by default
+    for batch in (len(images), 1, 3):
+        got = bound.embed_tensor(x[:batch].float(), normalize=False)
+        assert got.shape == (batch, 32) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, plain.embed_tensor(x[:batch].float(), normalize=False))
+        assert _cos_rows(got, ref[:batch]).min() >= 0.9999
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (ORT's CUDA provider)")
+def test_cuda_fp16_model_with_io_binding(tmp_path, model_file, images):
+    out = tmp_path / "fp16.onnx"
+    export_onnx(model_file, out, fp16=True, check_images=images[0].parent)
+    emb = OnnxEmbedder(out)
+    assert emb.io_binding and emb.session.get_providers()[0] == "CUDAExecutionProvider"
+    ref, x = _reference(model_file, images)
+    assert _cos_rows(emb.embed_tensor(x.float(), normalize=False), ref).min() >= 0.995
+
+
 def test_embed_paths_onnx_equals_torch_and_reference(exported, model_file, images):
     ref, _ = _reference(model_file, images)
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)

@@ -74,7 +74,7 @@ def test_defaults_and_auto_rule():
     assert S.auto_kind(10 ** 6, 512) == "ivfpq"          # 2 GB of full vectors for re-ranking
     assert S.auto_kind(10 ** 7, 256) == "ivfpq-sq8"      # 10 GB would not fit: 8-bit re-ranking
     p = S.resolve_params("ivfpq", 10 ** 6, 512, {})
-    assert p == {"nlist": 1024, "pq_m": 64, "nprobe": 256, "k_factor": S.DEFAULT_K_FACTOR}
+    assert p == {"nlist": 1024, "pq_m": 64, "nprobe": 320, "k_factor": S.DEFAULT_K_FACTOR}
     with pytest.raises(ValueError, match="takes no parameter nprobe"):
         S.resolve_params("flat", 10, 8, {"nprobe": 3})
     with pytest.raises(ValueError, match="pq_m must be even and divide the dimension 64"):
