@@ -182,3 +182,16 @@ def test_triton_without_gpu_or_interpreter_is_an_error(faces, tmp_path):
                         str(tmp_path / "run"), "--kernels", "triton", "--device", "cpu", *TINY],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--kernels triton needs --device cuda" in r.stderr
+
+
+@pytest.mark.parametrize("loss", ["adaface", "subcenter_arcface"])
+def test_train_with_the_adaptive_heads(faces, tmp_path, loss):
+    out = tmp_path / loss
+    r = run_cli("train", "--data", faces, "--out", out, "--epochs", 3, "--batch-size", 8, "--loss", loss,
+                "--scale", 16, "--val-fraction", 0.2, "--lr", 3e-3, *TINY)
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]  # it learns
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    keys = " ".join(k for part in state.values() if isinstance(part, dict) for k in part)
+    assert ("norm_mean" in keys) == (loss == "adaface")  # AdaFace's running norm statistics are saved

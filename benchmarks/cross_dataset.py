@@ -1,0 +1,185 @@
+"""Cross-dataset benchmark: one trained model on LFW fold k (identity-disjoint), ORL and Yale.
+
+The model must have been trained without the identities of LFW fold ``--fold`` (the default
+recipe's ``--val-pairs-fold K --val-pairs-disjoint``). Every image of each set is embedded once
+(``--flip``: flip test-time augmentation), then per set:
+
+- **verification**: every genuine pair of the set and as many seeded random impostor pairs;
+  10-way cross-validated accuracy (threshold fit on 9 parts, scored on the 10th), ROC AUC, EER,
+  TAR at FAR 1e-2, and the FAR / TAR realised at the threshold calibrated at FAR ``--far`` on the
+  LFW fold's identities (every genuine pair, up to ``--impostors`` impostor pairs:
+  ``index.calibrate``). On the LFW row that threshold is scored on the pairs it was calibrated
+  from (marked ``calibration set``); on ORL and Yale it is a transfer.
+- **identification**, closed set: among the identities with two or more images, the first image
+  (sorted path) is enrolled and every other is a query: rank-1 and rank-5 over all enrolled.
+- **identification**, open set: those identities are split by sorted position, the even ones
+  enrolled (first image), their other images the genuine probes, every image of the odd ones and
+  of single-image identities an impostor probe; the detection-and-identification rate (rank-1
+  correct and score >= t) at the threshold t where ``--far`` of the impostor probes are accepted.
+
+Sets: ``lfw-fold<k>`` (every image of the fold's identities), ``orl`` (40 x 10 grey 92x112, not
+template-aligned) and ``yale`` (15 people, 164 grey 320x243 uncropped images): resized to the
+model's input as any image is. One JSON row per set, a table, and a ROC plot of the three sets.
+
+    python benchmarks/cross_dataset.py --model runs/lfw --flip
+
+Writes ``benchmarks/results/cross_dataset-<device-slug>.json`` and ``plots/cross_dataset-roc.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.calibration_transfer import fold_images, identity_pairs, scores_of  # noqa: E402
+from benchmarks.common import RESULTS_DIR, device_name, print_table, write_results  # noqa: E402
+
+COLUMNS = ["set", "identities", "images", "genuine", "accuracy", "auc", "eer", "tar_at_far_1e-2",
+           "realised_far", "realised_tar", "rank1", "rank5", "dir_at_far"]
+
+
+def parse_args(argv):
+    from facefuse.core.paths import lfw_dir, shared_data_dir
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="run folder / checkpoint / .onnx trained disjoint from --fold")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--pairs", default=str(lfw_dir() / "pairs.txt"))
+    p.add_argument("--lfw", default=str(lfw_dir() / "lfw-112"))
+    p.add_argument("--extra", nargs="*", default=[str(shared_data_dir() / "orl"), str(shared_data_dir() / "yale")],
+                   help="other identity-folder sets (one sub-folder per identity)")
+    p.add_argument("--far", type=float, default=1e-2, help="FAR of the LFW-calibrated threshold and of DIR")
+    p.add_argument("--impostors", type=int, default=1_000_000, help="impostor pairs for the LFW calibration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--plot", type=Path, default=RESULTS_DIR / "plots" / "cross_dataset-roc.png")
+    return p.parse_args(argv)
+
+
+def verification(emb, ids, seed):
+    """Scores of every genuine pair and of as many seeded impostor pairs."""
+    from facefuse.index.calibrate import genuine_pairs, impostor_pairs
+
+    genuine = genuine_pairs(ids)
+    return scores_of(emb, (genuine, impostor_pairs(ids, genuine[0].size, seed)))
+
+
+def identification(emb: np.ndarray, ids: np.ndarray, far: float) -> dict:
+    """Closed-set rank-1/5 and open-set DIR at ``far`` (module docstring), by brute force."""
+    from facefuse.core.metrics import threshold_at_far
+
+    order = np.lexsort((np.arange(ids.size), ids))  # by identity, then by position (sorted paths)
+    first = {}
+    for k in order:
+        first.setdefault(int(ids[k]), int(k))
+    counts = np.bincount(ids)
+    multi = np.array(sorted(i for i in first if counts[i] >= 2))
+    out = {"enrolled": int(multi.size)}
+    if multi.size < 2:
+        return out
+    gallery = np.array([first[i] for i in multi])
+    is_first = np.zeros(ids.size, bool)
+    is_first[gallery] = True
+    queries = np.flatnonzero(np.isin(ids, multi) & ~is_first)
+    sims = emb[queries] @ emb[gallery].T
+    truth = np.searchsorted(multi, ids[queries])
+    rank = (sims > sims[np.arange(queries.size), truth][:, None]).sum(1)  # 0 = correct at rank 1
+    out.update(queries=int(queries.size), rank1=float(np.mean(rank == 0)), rank5=float(np.mean(rank < 5)))
+    # open set: even-positioned multi-image identities enrolled, the rest are impostor probes
+    enrolled = multi[::2]
+    g_rows = np.array([first[i] for i in enrolled])
+    gen = np.flatnonzero(np.isin(ids, enrolled) & ~np.isin(np.arange(ids.size), g_rows))
+    imp = np.flatnonzero(~np.isin(ids, enrolled))
+    s_gen, s_imp = emb[gen] @ emb[g_rows].T, emb[imp] @ emb[g_rows].T
+    top_imp = s_imp.max(1)
+    if far * imp.size < 1:  # not one impostor probe may be accepted: no threshold to speak of
+        out.update(dir_at_far=None, open_set_impostor_probes=int(imp.size))
+        return out
+    t, _ = threshold_at_far(top_imp, far)  # the calibration rule: at most `far` of them >= t
+    right = s_gen.argmax(1) == np.searchsorted(enrolled, ids[gen])
+    out.update(dir_at_far=float(np.mean(right & (s_gen.max(1) >= t))), open_set_threshold=float(t),
+               open_set_far=float(np.mean(top_imp >= t)), open_set_genuine_probes=int(gen.size),
+               open_set_impostor_probes=int(imp.size))
+    return out
+
+
+def plot_rocs(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from facefuse.core.files import atomic_path
+    from facefuse.core.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, (g, i) in curves.items():
+        fpr, tpr, _ = roc_curve(np.r_[g, i], np.r_[np.ones(g.size), np.zeros(i.size)])
+        ax.plot(fpr, tpr, label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from facefuse.core.metrics import verification_metrics
+    from facefuse.export.runtime import load_embedder
+    from facefuse.index.calibrate import scan_identities, thresholds_from_scores
+    from facefuse.index.verify import embed_images
+
+    embedder = load_embedder(args.model)
+    lfw_paths, lfw_ids, _ = fold_images(args.pairs, args.lfw, args.fold)
+    sets = {f"lfw-fold{args.fold}": (lfw_paths, lfw_ids)}
+    for folder in args.extra:
+        paths, ids, _ = scan_identities(folder)
+        sets[Path(folder).name] = (paths, ids)
+    rows, curves, threshold = [], {}, None
+    t0 = time.perf_counter()
+    for name, (paths, ids) in sets.items():
+        emb, _ = embed_images(embedder, paths, batch_size=args.batch_size, num_workers=args.workers,
+                              flip_tta=args.flip)
+        if threshold is None:  # the first set is the LFW fold: calibrate there
+            g_cal, i_cal = scores_of(emb, identity_pairs(ids, args.impostors, args.seed))
+            record = thresholds_from_scores(g_cal, i_cal, [args.far])
+            threshold = np.float32(record["at_far"][0]["threshold"])
+        g, i = verification(emb, ids, args.seed)
+        curves[name] = (g, i)
+        scores = np.r_[g, i]
+        labels = np.r_[np.ones(g.size, np.int64), np.zeros(i.size, np.int64)]
+        m = verification_metrics(scores, labels, folds=np.zeros(scores.size, np.int64))
+        rows.append({"set": name, "identities": int(np.unique(ids).size), "images": len(paths), "genuine": int(g.size),
+                     "impostors": int(i.size), "accuracy": m["kfold_accuracy"], "accuracy_std": m["kfold_std"],
+                     "auc": m["roc_auc"], "eer": m["eer"], "tar_at_far_1e-2": m["tar_at_far_1e-2"],
+                     "best_threshold": m["best_threshold"], "lfw_threshold": float(threshold),
+                     "realised_far": float(np.mean(i >= threshold)), "realised_tar": float(np.mean(g >= threshold)),
+                     "threshold_role": "calibration set" if not rows else "transfer",
+                     **identification(emb, ids, args.far)})
+    print_table(rows, COLUMNS)
+    plot_rocs(curves, args.plot)
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("model", "pairs", "lfw", "extra", "plot")},
+                "model": Path(args.model).name, "model_fingerprint": embedder.fingerprint,
+                "runtime": embedder.runtime, "sets": list(sets), "plot": args.plot.name,
+                "seconds": time.perf_counter() - t0, "load_avg_1m": os.getloadavg()[0]}
+    print(f"wrote {write_results('cross_dataset', device_name('cpu'), settings, rows)} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
