@@ -611,3 +611,43 @@ def test_reference_matches_a_plain_loop():
         want = lse - (1 - ls) * z[int(y[i])] - ls / 5 * sum(z)
         assert abs(got[i].item() - want) < 1e-10
     assert branches == {True, False}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_shard_partials_combine_to_the_full_loss_and_gradients(device, ls):
+    """The model-parallel API (trainer/sharded_head.py's fused path) in one process: W cut into
+    three uneven shards, each shard's partials from margin_ce_shard_forward, combined as the
+    all-reduces would, and each shard's backward from the global lse, must give the reference
+    loss, dx (sum of the shards' shares) and dW (the shards' blocks)."""
+    from facefuse.kernels.margin_ce import margin_ce_shard_backward, margin_ce_shard_forward
+
+    g = torch.Generator().manual_seed(5)
+    B, D, C = 9, 40, 53
+    x = torch.randn(B, D, generator=g).to(device)
+    w = torch.randn(C, D, generator=g).to(device)
+    y = torch.randint(0, C, (B,), generator=g).to(device)
+    hyper = dict(s=16.0, m1=1.0, m2=0.4, m3=0.05, easy_margin=False)
+    xr, wr = x.clone().double().requires_grad_(True), w.clone().double().requires_grad_(True)
+    ref = margin_cross_entropy_reference(xr, wr, y, label_smoothing=ls, **hyper)
+    ref.backward()
+    cuts = [0, 11, 30, C]
+    parts = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        target = torch.where((y >= lo) & (y < hi), y - lo, -1)
+        parts.append(margin_ce_shard_forward(x, w[lo:hi].contiguous(), target, **hyper))
+    m = torch.stack([p.m for p in parts]).max(0).values
+    lse = m + torch.log(sum(p.l * torch.exp(p.m - m) for p in parts))
+    loss = (lse - (1 - ls) * sum(p.zt for p in parts) - ls / C * sum(p.zsum for p in parts)).mean()
+    torch.testing.assert_close(loss.double().cpu(), ref.detach().cpu(), rtol=1e-5, atol=1e-5)
+    grads = [margin_ce_shard_backward(x, w[lo:hi].contiguous(), p, lse, torch.full((B,), 1.0 / B, device=device),
+                                      s=hyper["s"], label_smoothing=ls, num_classes=C)
+             for p, (lo, hi) in zip(parts, zip(cuts, cuts[1:]))]
+    torch.testing.assert_close(sum(dx for dx, _ in grads).double().cpu(), xr.grad.cpu(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([dw for _, dw in grads]).double().cpu(), wr.grad.cpu(), rtol=1e-4, atol=1e-5)
+    # the best cosine of the shards combined is the reference prediction
+    best = torch.stack([p.best for p in parts])
+    cls = torch.stack([p.column + lo for p, lo in zip(parts, cuts)])
+    pred = cls.gather(0, best.argmax(0, keepdim=True)).squeeze(0)
+    want = (F.normalize(x.double(), dim=1) @ F.normalize(w.double(), dim=1).T).argmax(1)
+    assert torch.equal(pred.cpu(), want.cpu())
