@@ -101,8 +101,8 @@ def default_pq_m(d: int) -> int:
     (64 at d=512, 32 at d=256), i.e. 4 bits per 8 dimensions. The codes only shortlist
     ``k * k_factor`` candidates for re-ranking. At 10^6 x 512 recall@1 was set by the lists probed
     and PQ32 (d/16) scanned ~25% faster at the same recall; at 10^7 x 256 PQ16 (d/16) codes were too
-    coarse for the shortlist (recall@1 0.81 at k_factor 8, 0.98 at 512), so the default keeps d/8
-    (bench_search, search-uniform-1e6*/1e7*-cpu2.json)."""
+    coarse for the shortlist (recall@1 0.81 at k_factor 8, 0.98 at 512) while PQ32 (d/8) gave 0.999
+    at 7.1 ms p50, so the default keeps d/8 (bench_search, search-uniform-1e6*/1e7*-cpu2.json)."""
     for m in range(max(2, d // 8), 1, -1):
         if d % m == 0 and m % 2 == 0:
             return m
