@@ -12,9 +12,12 @@ Math, for x of logical shape N x C x H x W stored NHWC, weight C x 1 x 7 x 7, bi
 Design. A program owns a block of channels (contiguous in NHWC, so every load is coalesced) and a
 block of output pixels; it loops over the 49 taps (7 rows at run time, 7 columns unrolled) with
 masked loads (the halo comes from L1/L2) and accumulates in fp32. Grad input reuses the forward
-kernel with the flipped taps. Grad weight and bias: programs over (pixel split, channel block) load
-each dy block once, reduce dy * shifted x over the pixels for every tap into a 64 x BLOCK_C register
-tile, and write fp32 partials (splits x 49 x C, splits x C) that the host sums: deterministic, no
+kernel with the flipped taps. Grad weight and bias: programs over (pixel split, channel block); for
+each filter row kh, seven register tiles (one per column) accumulate dy * shifted x elementwise over
+every pixel block of the split, so the cross-thread reduction over pixels runs once per tap per
+program (49 in all) instead of once per tap per pixel block, and no 49-row tile is updated by
+masked selects; dy is re-read once per filter row (7 times, from L1/L2: a split is a few hundred
+pixels). The fp32 partials (splits x 49 x C, splits x C) are summed by the host: deterministic, no
 atomics.
 Weight and bias may be fp32 while x is bf16/fp16 (the usual autocast setting): they are read as
 fp32; the output has x's dtype, each gradient its input's dtype.
@@ -54,13 +57,15 @@ _FWD_CONFIGS = pick_configs(
     ],
     triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=1),
 )
+# Weight gradient: seven BLOCK_P x BLOCK_C fp32 accumulators live in registers, so the tiles are
+# kept to 8-16 elements per thread; 128 x 64 on 8 warps (32 each) spilled 320 bytes on both targets.
 _BWD_W_CONFIGS = pick_configs(
     [
         triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=8),
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=8),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=4),
         triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),
-        triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=8),
     ],
     triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=1),
 )
@@ -106,37 +111,59 @@ def _dwconv7x7_bwd_w_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # meta
 ):
     # dw[tap, c] = sum over this split's pixels p of dy[p, c] * x[p shifted by the tap, c], and
-    # db[c] = sum of dy[p, c]. dy is loaded once per pixel block; the 49 per-tap sums live in rows of
-    # one (64 x BLOCK_C) register tile (row kh*7 + kw), written once at the end.
+    # db[c] = sum of dy[p, c]. Per filter row kh, seven accumulator tiles (one per column kw) gather
+    # dy * shifted x elementwise over all of the split's pixel blocks, in each thread's registers;
+    # the cross-thread reduction over pixels happens once per tap per program, at the end of the row.
     pid_s = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    taps = tl.arange(0, 64)
     p_begin = pid_s * P_PER_SPLIT
     p_end = tl.minimum(p_begin + P_PER_SPLIT, NHW)
-    acc_w = tl.zeros((64, BLOCK_C), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for p0 in range(p_begin, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < p_end
-        h = (p // W) % H
-        w = p % W
-        offs = p.to(tl.int64)[:, None] * C + c[None, :]
-        dy = tl.load(dy_ptr + offs, mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            acc_b += tl.sum(dy, axis=0)
-        for kh in range(7):
+    out = dw_ptr + pid_s * 49 * C + c
+    acc_b = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in range(7):  # runtime loop; dy is re-read per row (from L1/L2: the split is small)
+        a0 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a4 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a5 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a6 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = p < p_end
+            h = (p // W) % H
+            w = p % W
+            offs = p.to(tl.int64)[:, None] * C + c[None, :]
+            dy = tl.load(dy_ptr + offs, mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                acc_b += tl.where(kh == 0, dy, 0.0)
             row_ok = p_ok & (h >= 3 - kh) & (h < H + 3 - kh)  # input row h + kh - 3 inside the image
             x_row = x_ptr + offs + ((kh - 3) * W - 3) * C  # same image, shifted by (kh - 3, -3)
-            for kw in tl.static_range(7):
-                ok = row_ok & (w >= 3 - kw) & (w < W + 3 - kw)  # input column w + kw - 3 inside
-                xv = tl.load(x_row + kw * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                part = tl.sum(dy * xv.to(tl.float32), axis=0)
-                acc_w = tl.where(taps[:, None] == kh * 7 + kw, acc_w + part[None, :], acc_w)
-    dst = dw_ptr + (pid_s * 49 + taps)[:, None] * C + c[None, :]
-    tl.store(dst, acc_w, mask=(taps < 49)[:, None] & c_ok[None, :])
+            a0 += dy * _shifted(x_row, 0, row_ok, w, W, C, c_ok)
+            a1 += dy * _shifted(x_row, 1, row_ok, w, W, C, c_ok)
+            a2 += dy * _shifted(x_row, 2, row_ok, w, W, C, c_ok)
+            a3 += dy * _shifted(x_row, 3, row_ok, w, W, C, c_ok)
+            a4 += dy * _shifted(x_row, 4, row_ok, w, W, C, c_ok)
+            a5 += dy * _shifted(x_row, 5, row_ok, w, W, C, c_ok)
+            a6 += dy * _shifted(x_row, 6, row_ok, w, W, C, c_ok)
+        row = out + kh * 7 * C
+        tl.store(row, tl.sum(a0, axis=0), mask=c_ok)
+        tl.store(row + C, tl.sum(a1, axis=0), mask=c_ok)
+        tl.store(row + 2 * C, tl.sum(a2, axis=0), mask=c_ok)
+        tl.store(row + 3 * C, tl.sum(a3, axis=0), mask=c_ok)
+        tl.store(row + 4 * C, tl.sum(a4, axis=0), mask=c_ok)
+        tl.store(row + 5 * C, tl.sum(a5, axis=0), mask=c_ok)
+        tl.store(row + 6 * C, tl.sum(a6, axis=0), mask=c_ok)
     if HAS_BIAS:
-        tl.store(db_ptr + pid_s * C + c, acc_b, mask=c_ok)
+        tl.store(db_ptr + pid_s * C + c, tl.sum(acc_b, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _shifted(x_row, kw: tl.constexpr, row_ok, w, W, C, c_ok):
+    # x at column offset kw - 3 of a row already shifted by (kh - 3, -3), zero outside the image (fp32)
+    ok = row_ok & (w >= 3 - kw) & (w < W + 3 - kw)
+    return tl.load(x_row + kw * C, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
 
 
 def _conv(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
