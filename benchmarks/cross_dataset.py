@@ -23,7 +23,7 @@ model's input as any image is. One JSON row per set, a table, and a ROC plot of 
 
     python benchmarks/cross_dataset.py --model runs/lfw --flip
 
-Writes ``benchmarks/results/cross_dataset-<device-slug>.json`` and ``plots/cross_dataset-roc.png``.
+Writes ``benchmarks/results/cross_dataset[-<tag>]-<device-slug>.json`` and ``plots/cross_dataset[-<tag>]-roc.png``.
 """
 
 from __future__ import annotations
@@ -62,8 +62,12 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--flip", action="store_true")
-    p.add_argument("--plot", type=Path, default=RESULTS_DIR / "plots" / "cross_dataset-roc.png")
-    return p.parse_args(argv)
+    p.add_argument("--tag", default="", help="results name cross_dataset[-<tag>]-<device>.json (one per model)")
+    p.add_argument("--plot", type=Path, default=None, help="default plots/cross_dataset[-<tag>]-roc.png")
+    args = p.parse_args(argv)
+    if args.plot is None:
+        args.plot = RESULTS_DIR / "plots" / ("cross_dataset" + (f"-{args.tag}" if args.tag else "") + "-roc.png")
+    return args
 
 
 def verification(emb, ids, seed):
@@ -176,9 +180,10 @@ def main(argv=None):
     plot_rocs(curves, args.plot)
     settings = {**{k: v for k, v in vars(args).items() if k not in ("model", "pairs", "lfw", "extra", "plot")},
                 "model": Path(args.model).name, "model_fingerprint": embedder.fingerprint,
-                "runtime": embedder.runtime, "sets": list(sets), "plot": args.plot.name,
+                "runtime": embedder.runtime, "sets": list(sets), "plot": args.plot.name, "tag": args.tag,
                 "seconds": time.perf_counter() - t0, "load_avg_1m": os.getloadavg()[0]}
-    print(f"wrote {write_results('cross_dataset', device_name('cpu'), settings, rows)} and {args.plot}")
+    name = "cross_dataset" + (f"-{args.tag}" if args.tag else "")
+    print(f"wrote {write_results(name, device_name('cpu'), settings, rows)} and {args.plot}")
 
 
 if __name__ == "__main__":
