@@ -97,13 +97,18 @@ def tool_dir() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def cubin_resources(cubin: bytes) -> dict:
-    """Registers per thread, stack and local-memory bytes of a cubin, from ``cuobjdump``."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """The text ``cuobjdump FLAG`` prints for a cubin (written to a temporary file first)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"
         path.write_bytes(cubin)
-        out = subprocess.run([str(tool_dir() / "cuobjdump"), "--dump-resource-usage", str(path)],
-                             capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(tool_dir() / "cuobjdump"), flag, str(path)],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers per thread, stack and local-memory bytes of a cubin, from ``cuobjdump``."""
+    out = cuobjdump(cubin, "--dump-resource-usage")
     fields = {"registers": "REG", "stack_bytes": "STACK", "local_bytes": "LOCAL"}
     return {key: int(re.search(rf"{tag}:(\d+)", out).group(1)) for key, tag in fields.items()}
 
@@ -165,11 +170,7 @@ SASS_FAMILIES = {
 
 def sass_mix(cubin: bytes) -> dict:
     """Static SASS opcode counts of a cubin by family (``cuobjdump -sass``), and the total."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.cubin"
-        path.write_bytes(cubin)
-        out = subprocess.run([str(tool_dir() / "cuobjdump"), "-sass", str(path)],
-                             capture_output=True, text=True, check=True).stdout
+    out = cuobjdump(cubin, "-sass")
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", out)
     counts = {fam: sum(1 for op in ops if op in names) for fam, names in SASS_FAMILIES.items()}
     counts["total"] = len(ops)

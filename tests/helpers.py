@@ -122,3 +122,24 @@ def kernel_devices(interpreting: bool) -> list[str]:
     if interpreting:
         return ["cpu"]
     return ["cuda"] if torch.cuda.is_available() else []
+
+
+def kill_at_step(proc, checkpoint, step: int, kill, timeout: float = 300.0) -> None:
+    """Wait until the training ``proc`` has written ``checkpoint`` at ``step`` or later, then
+    ``kill`` it (``kill(proc)``: SIGKILL of the process or of its group) and reap it. Asserts the
+    run was still going, so a test of resume-after-kill cannot pass on a run that simply finished."""
+    import time
+
+    from facefuse.trainer.checkpoint import load
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if checkpoint.is_file() and load(checkpoint)["state"]["step"] >= step:
+                break
+        except Exception:  # noqa: BLE001 - the file may be mid-replace; try again
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    kill(proc)
+    proc.wait()

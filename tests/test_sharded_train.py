@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from helpers import run_cli, write_faces
+from helpers import kill_at_step, run_cli, write_faces
 from facefuse.trainer.checkpoint import head_shard_path, load
 
 TINY = ["--backbone", "resnet18", "--width", "0.25", "--embedding-dim", "16", "--image-size", "32",
@@ -62,17 +61,7 @@ def test_exact_resume_after_kill(tmp_path):
     proc = subprocess.Popen(_torchrun(2, data, run, *args, "--checkpoint-minutes", "0.0001"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     last = run / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill -9 the whole group inside epoch 2
-        try:
-            if last.is_file() and load(last)["state"]["step"] >= 9:
-                break
-        except Exception:  # noqa: BLE001 - the file may be mid-replace; try again
-            pass
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_step(proc, last, 9, lambda p: os.killpg(p.pid, signal.SIGKILL))  # kill -9 the whole group inside epoch 2
     state = load(last)["state"]
     assert 7 < state["step"] < 14
     r = subprocess.run(_torchrun(2, data, run, "--resume"), env=ENV, capture_output=True, text=True)

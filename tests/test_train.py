@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import run_cli, write_faces
+from helpers import kill_at_step, run_cli, write_faces
 from facefuse.trainer.checkpoint import load, load_embedding_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,18 +112,7 @@ def test_exact_resume_after_kill(tmp_path):
     proc = subprocess.Popen(_train_cmd(data, run, *args, "--checkpoint-minutes", "0.0001"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill -9 in the middle of epoch 2
-        if last.is_file():
-            try:
-                if load(last)["state"]["step"] >= 11:
-                    break
-            except Exception:  # noqa: BLE001 - the file may be mid-replace; try again
-                pass
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_step(proc, last, 11, lambda p: os.kill(p.pid, signal.SIGKILL))  # kill -9 in the middle of epoch 2
     state = load(last)["state"]
     assert 8 < state["step"] < 16  # killed inside epoch 2
     subprocess.run(_train_cmd(data, run, "--resume"), check=True, env=env, capture_output=True)
