@@ -205,7 +205,7 @@ def write_thresholds(path: str | Path, thresholds: dict) -> Path:
     prop, or a checkpoint / run folder's model file (``trainer.checkpoint.set_thresholds``). The
     file is rewritten atomically, graph and weights unchanged. Returns the file written."""
     path = Path(path)
-    if path.is_dir() or path.suffix in (".pt", ".pth", ".ckpt") or _is_zip(path):
+    if _is_torch_model(path):
         from facefuse.trainer.checkpoint import set_thresholds
 
         return set_thresholds(path, thresholds)
@@ -230,11 +230,14 @@ def load_embedder(path: str | Path, *, device: str | None = None) -> Embedder:
     path = Path(path)
     if not path.exists():
         raise FacefuseError(f"{path}: no such model file or run folder")
-    if path.is_dir() or path.suffix in (".pt", ".pth", ".ckpt") or _is_zip(path):
+    if _is_torch_model(path):
         return TorchEmbedder(path, device=device)
     return OnnxEmbedder(path)
 
 
-def _is_zip(path: Path) -> bool:
+def _is_torch_model(path: Path) -> bool:
+    """A run folder, a ``.pt``/``.pth``/``.ckpt`` file or any zip archive (torch's format)."""
+    if path.is_dir() or path.suffix in (".pt", ".pth", ".ckpt"):
+        return True
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
