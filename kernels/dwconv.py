@@ -137,7 +137,8 @@ def _dwconv7x7_bwd_w_kernel(
             offs = p.to(tl.int64)[:, None] * C + c[None, :]
             dy = tl.load(dy_ptr + offs, mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
             if HAS_BIAS:
-                acc_b += tl.where(kh == 0, dy, 0.0)
+                if kh == 0:  # db from the first row's pass over dy only
+                    acc_b += dy
             row_ok = p_ok & (h >= 3 - kh) & (h < H + 3 - kh)  # input row h + kh - 3 inside the image
             x_row = x_ptr + offs + ((kh - 3) * W - 3) * C  # same image, shifted by (kh - 3, -3)
             a0 += dy * _shifted(x_row, 0, row_ok, w, W, C, c_ok)
