@@ -118,15 +118,15 @@ def identification(emb: np.ndarray, ids: np.ndarray, far: float) -> dict:
 
 
 def plot_rocs(curves: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One ROC per set (log FAR axis), as the project's other plots: a matplotlib ``Figure`` (no
+    pyplot state) saved atomically."""
+    from matplotlib.figure import Figure
 
     from facefuse.core.files import atomic_path
     from facefuse.core.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4), dpi=120)
+    ax = fig.subplots()
     for name, (g, i) in curves.items():
         fpr, tpr, _ = roc_curve(np.r_[g, i], np.r_[np.ones(g.size), np.zeros(i.size)])
         ax.plot(fpr, tpr, label=name)
@@ -138,8 +138,7 @@ def plot_rocs(curves: dict, path: Path) -> None:
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+        fig.savefig(tmp, bbox_inches="tight", format="png")
 
 
 def main(argv=None):
