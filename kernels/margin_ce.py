@@ -535,6 +535,19 @@ def _check_shapes(x, weight, labels):
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
 
 
+def _check_operands(x, weight, labels):
+    """What the kernels need of their operands: shapes, x float (fp32/bf16/fp16) and weight in x's
+    dtype or fp32, one device, rows contiguous along D."""
+    _check_shapes(x, weight, labels)
+    check_float_dtype(x, "x")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"weight must share x's dtype or be float32, got x {x.dtype} and weight {weight.dtype}")
+    check_same_device({"x": x, "weight": weight, "labels": labels})
+    for name, t in (("x", x), ("weight", weight)):
+        if t.stride(1) != 1:
+            raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), got strides {t.stride()}")
+
+
 def _check_label_range(labels, weight):
     lo, hi = (int(v) for v in torch.aminmax(labels))  # one host sync
     if lo < 0 or hi >= weight.shape[0]:
@@ -576,15 +589,8 @@ def margin_cross_entropy(x, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, e
     [0, C) (one host sync); None (default) does so for CPU tensors only. On the device without it,
     out-of-range labels make the loss NaN instead (checked on the device, no sync).
     """
-    _check_shapes(x, weight, labels)
+    _check_operands(x, weight, labels)
     _check_hyper(s, m1, m2, m3, label_smoothing)
-    check_float_dtype(x, "x")
-    if weight.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"weight must share x's dtype or be float32, got x {x.dtype} and weight {weight.dtype}")
-    check_same_device({"x": x, "weight": weight, "labels": labels})
-    for name, t in (("x", x), ("weight", weight)):
-        if t.stride(1) != 1:
-            raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), got strides {t.stride()}")
     filt_eps = _filter_eps(grad_filter, x.dtype)
     if check_labels or (check_labels is None and labels.device.type == "cpu"):
         _check_label_range(labels, weight)
@@ -618,10 +624,7 @@ def margin_ce_shard_forward(x, weight, target, *, s, m1, m2, m3, easy_margin) ->
     a column of ``weight``, or -1 where another shard owns it. The caller combines the shards'
     partials (``lse = M + log sum_shards l exp(m - M)``, M the max of the m's) and calls
     :func:`margin_ce_shard_backward` with that global ``lse``. Not differentiable itself."""
-    _check_shapes(x, weight, target)
-    check_float_dtype(x, "x")
-    if weight.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"weight must share x's dtype or be float32, got x {x.dtype} and weight {weight.dtype}")
+    _check_operands(x, weight, target)
     target = target.long().contiguous()
     owned = target >= 0
     zt, dphi = _target_terms(x, weight, target.clamp(0, weight.shape[0] - 1), s, m1, m2, m3, easy_margin)
