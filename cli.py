@@ -194,12 +194,16 @@ def quantize_cmd(onnx_in, out, calib_images, n_images, calib_method, reduce_rang
     _echo_quant(quantize_int8(onnx_in, out, calib_images, n_images=n_images, method=calib_method, reduce_range=rr))
 
 
-def _is_embed_folder(path) -> bool:
+def _check_embeddings_source(argument: str, given, embeddings, labels) -> None:
+    """Images (``argument``) or precomputed embeddings, not both; embeddings need --labels unless
+    they are a `facefuse embed` folder (its manifest carries them)."""
     from pathlib import Path
 
     from facefuse.export.extract import MANIFEST
 
-    return (Path(path) / MANIFEST).is_file()
+    if given or not (embeddings and (labels or (Path(embeddings) / MANIFEST).is_file())):
+        raise FacefuseError(f"give {argument}, or --embeddings with --labels (not both; a `facefuse embed` "
+                            "folder carries its labels)")
 
 
 def _embedder(model):
@@ -273,9 +277,7 @@ def index_build(gallery_dir, model, out_dir, embeddings, labels, kind, nlist, pq
 
     params = dict(nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m, nprobe=nprobe, k_factor=k_factor, ef_search=ef_search)
     if embeddings or labels:
-        if gallery_dir or not (embeddings and (labels or _is_embed_folder(embeddings))):
-            raise FacefuseError("give GALLERY_DIR, or --embeddings with --labels (not both; a `facefuse embed` "
-                                "folder carries its labels)")
+        _check_embeddings_source("GALLERY_DIR", gallery_dir, embeddings, labels)
         record = model_record(_embedder(model), model) if model else None
         g = build_index_folder_from_embeddings(embeddings, labels, out_dir, model=record, kind=kind, **params)
         skipped = 0
@@ -304,9 +306,7 @@ def index_add(index_dir, images, model, identity, embeddings, labels, batch_size
     from facefuse.index.enroll import add_embeddings_to_index_folder, add_to_index_folder, index_model_path
 
     if embeddings or labels:
-        if images or not (embeddings and (labels or _is_embed_folder(embeddings))):
-            raise FacefuseError("give IMAGES, or --embeddings with --labels (not both; a `facefuse embed` "
-                                "folder carries its labels)")
+        _check_embeddings_source("IMAGES", images, embeddings, labels)
         g, added = add_embeddings_to_index_folder(index_dir, embeddings, labels)
         what = "embeddings"
     else:
