@@ -18,6 +18,11 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def images_under(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder``, at any depth, in sorted path order."""
+    return [p for p in sorted(Path(folder).rglob("*")) if is_image(p)]
+
+
 def identity_from_name(path: Path) -> str:
     """``<identity>_<anything>.ext`` -> identity, split at the last underscore (so LFW's
     ``George_W_Bush_0001.jpg`` is ``George_W_Bush``); a name without ``_`` is its own identity."""
@@ -34,10 +39,9 @@ def scan_identity_folder(folder: str | Path) -> tuple[list[Path], list[str]]:
     paths, ids = [], []
     for entry in sorted(folder.iterdir()):
         if entry.is_dir() and not entry.name.startswith("."):
-            for p in sorted(entry.rglob("*")):
-                if is_image(p):
-                    paths.append(p)
-                    ids.append(entry.name)
+            found = images_under(entry)
+            paths += found
+            ids += [entry.name] * len(found)
         elif is_image(entry):
             paths.append(entry)
             ids.append(identity_from_name(entry))

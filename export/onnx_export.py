@@ -30,7 +30,8 @@ import torch.nn as nn
 from facefuse.export.runtime import OnnxEmbedder, meta_to_props, onnx_providers
 from facefuse.core.errors import FacefuseError
 from facefuse.core.files import atomic_path
-from facefuse.core.images import eval_transform, is_image, open_rgb
+from facefuse.core.folders import images_under
+from facefuse.core.images import eval_transform, open_rgb
 from facefuse.core.paths import lfw_dir
 
 MIN_COSINE = {"float32": 0.9999, "float16": 0.995}
@@ -166,13 +167,7 @@ def check_batch(meta, folder: str | Path | None, n: int) -> tuple[torch.Tensor, 
 def _images_in(folder: Path, n: int) -> list[Path]:
     if not folder.is_dir():
         return []
-    found: list[Path] = []
-    for p in sorted(folder.rglob("*")):
-        if is_image(p):
-            found.append(p)
-            if len(found) == n:
-                break
-    return found
+    return images_under(folder)[:n]
 
 
 def _synthetic_images(n: int, size: int):

@@ -28,7 +28,8 @@ import numpy as np
 from facefuse.core.embed import l2_normalize
 from facefuse.core.errors import BadImageError, FacefuseError
 from facefuse.core.files import atomic_path
-from facefuse.core.images import is_image, open_rgb
+from facefuse.core.folders import images_under
+from facefuse.core.images import open_rgb
 from facefuse.export.onnx_export import quiet
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -64,7 +65,7 @@ def calibration_images(folder: str | Path, n: int) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FacefuseError(f"--calib-images {folder}: no such folder")
-    found = [p for p in sorted(folder.rglob("*")) if is_image(p)]
+    found = images_under(folder)
     if not found:
         raise FacefuseError(f"--calib-images {folder}: no images found")
     step = max(1, len(found) // n)

@@ -47,13 +47,13 @@ def build_index_folder(gallery_dir: str | Path, embedder, model_path: str | Path
 
 def expand_images(items, option: str = "IMAGE") -> list[Path]:
     """Files as given, folders expanded to their images (recursively, sorted)."""
-    from facefuse.core.images import is_image  # imports torch: only when images are read
+    from facefuse.core.folders import images_under
 
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if is_image(q))
+            found = images_under(p)
             if not found:
                 raise FacefuseError(f"{option} {p}: folder holds no images")
             out += found
