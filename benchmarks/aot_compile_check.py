@@ -1,7 +1,7 @@
 """Compile every autotune config of the Triton kernels offline for sm_90 (H100/H200) and sm_89 (L40).
 
 No GPU is needed: Triton's own compiler builds each config of the margin cross-entropy kernels
-(forward, the one-pass backward) and the depthwise 7x7 convolution kernels (forward, weight gradient) for each
+(forward, the one-pass backward) and the depthwise 7x7 convolution kernels (forward, weight gradient, one-pass backward) for each
 target, and the cubin is read with the ``cuobjdump`` that ships with Triton
 (``triton/backends/nvidia/bin``). Per config and target it records the shared memory the kernel
 needs (and whether it fits the target's per-block limit), registers per thread, and spills (stack
@@ -61,11 +61,14 @@ def dwconv_kernels(ptr: str) -> dict[str, tuple]:
     fwd = dict(x_ptr=ptr, w_ptr="*fp32", b_ptr="*fp32", y_ptr=ptr, NHW="i32", H="i32", W="i32", C="i32")
     bwd_w = dict(x_ptr=ptr, dy_ptr=ptr, dw_ptr="*fp32", db_ptr="*fp32", NHW="i32", H="i32", W="i32", C="i32",
                  P_PER_SPLIT="i32")
+    bwd_fused = dict(x_ptr=ptr, dy_ptr=ptr, w_ptr="*fp32", dx_ptr=ptr, dw_ptr="*fp32", db_ptr="*fp32", NHW="i32",
+                     H="i32", W="i32", C="i32", P_PER_SPLIT="i32")
     return {"conv": ("dwconv", "_dwconv7x7_kernel", fwd, {"HAS_BIAS": True}),
-            "convw": ("dwconv", "_dwconv7x7_bwd_w_kernel", bwd_w, {"HAS_BIAS": True})}
+            "convw": ("dwconv", "_dwconv7x7_bwd_w_kernel", bwd_w, {"HAS_BIAS": True}),
+            "convbwd": ("dwconv", "_dwconv7x7_bwd_fused_kernel", bwd_fused, {"HAS_BIAS": True})}
 
 
-KERNEL_NAMES = ("fwd", "bwd", "conv", "convw")
+KERNEL_NAMES = ("fwd", "bwd", "conv", "convw", "convbwd")
 
 
 def parse_args(argv):

@@ -26,7 +26,7 @@ from benchmarks.common import device_name, print_table, write_results  # noqa: E
 SHAPES = [(28, 28, 96), (14, 14, 192), (7, 7, 384), (3, 3, 768)]  # (H, W, C) at 112 px
 MODES = ("fwd", "bwd", "fwd+bwd")
 BYTES_FACTOR = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # multiples of x's size in bytes
-PROVIDERS = ("triton", "cudnn", "compile")
+PROVIDERS = ("triton", "triton_fused", "cudnn", "compile")  # triton: split backward; _fused: one pass
 
 
 def parse_args(argv):
@@ -73,7 +73,18 @@ def main(argv=None) -> int:
         return 2
     from triton.testing import do_bench
 
-    from facefuse.kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference
+    from facefuse.kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference, set_backward_mode
+
+    def with_backward(mode):  # the backward mode is taken when the forward runs
+        def run(*args):
+            previous = set_backward_mode(mode)
+            try:
+                return depthwise_conv7x7(*args)
+            finally:
+                set_backward_mode(previous)
+        return run
+
+    split, fused = with_backward("split"), with_backward("fused")
 
     torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
@@ -87,7 +98,8 @@ def main(argv=None) -> int:
         x.requires_grad_()
         dy = torch.randn_like(x)
         providers = {
-            "triton": lambda: depthwise_conv7x7(x, conv.weight, conv.bias),
+            "triton": lambda: split(x, conv.weight, conv.bias),
+            "triton_fused": lambda: fused(x, conv.weight, conv.bias),
             "cudnn": lambda: conv(x),
             "compile": lambda: compiled(x, conv.weight, conv.bias),
         }
@@ -108,6 +120,7 @@ def main(argv=None) -> int:
                 row[f"{name}_gbps"] = nbytes / (ms * 1e-3) / 1e9
             row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["triton_ms"]
             row["speedup_vs_compile"] = row["compile_ms"] / row["triton_ms"]
+            row["fused_vs_split"] = row["triton_ms"] / row["triton_fused_ms"]  # > 1: the one-pass backward wins
             rows.append(row)
             print(f"{row['shape']} {mode}: " + ", ".join(f"{p} {row[f'{p}_ms']:.4f} ms" for p in PROVIDERS),
                   flush=True)
@@ -116,7 +129,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
 
     columns = ["shape", "pass"] + [f"{p}_{k}" for k in ("ms", "gbps") for p in PROVIDERS]
-    print_table(rows, columns + ["speedup_vs_cudnn", "speedup_vs_compile", "max_abs_diff_vs_cudnn"])
+    print_table(rows, columns + ["speedup_vs_cudnn", "speedup_vs_compile", "fused_vs_split", "max_abs_diff_vs_cudnn"])
     settings = dict(batch=args.batch, dtype=args.dtype, shapes_hwc=SHAPES, layout="channels_last",
                     bias=True, warmup_ms=args.warmup, rep_ms=args.rep, bwd_reps=args.bwd_reps,
                     timing="fwd, fwd+bwd: triton.testing.do_bench median; bwd: CUDA events around "

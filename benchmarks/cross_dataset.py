@@ -70,6 +70,12 @@ def parse_args(argv):
     return args
 
 
+def run_name(model: Path) -> str:
+    """A run's name without the machine's path: ``fold0-lever/shift`` for ``runs/lfw/fold0-lever/shift/train``."""
+    parts = model.parts[:-1] if model.name == "train" else model.parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-2].startswith("fold") else parts[-1]
+
+
 def verification(emb, ids, seed):
     """Scores of every genuine pair and of as many seeded impostor pairs."""
     from facefuse.index.calibrate import genuine_pairs, impostor_pairs
@@ -178,7 +184,7 @@ def main(argv=None):
     print_table(rows, COLUMNS)
     plot_rocs(curves, args.plot)
     settings = {**{k: v for k, v in vars(args).items() if k not in ("model", "pairs", "lfw", "extra", "plot")},
-                "model": Path(args.model).name, "model_fingerprint": embedder.fingerprint,
+                "model": run_name(Path(args.model)), "model_fingerprint": embedder.fingerprint,
                 "runtime": embedder.runtime, "sets": list(sets), "plot": args.plot.name, "tag": args.tag,
                 "seconds": time.perf_counter() - t0, "load_avg_1m": os.getloadavg()[0]}
     name = "cross_dataset" + (f"-{args.tag}" if args.tag else "")

@@ -19,6 +19,15 @@ program (49 in all) instead of once per tap per pixel block, and no 49-row tile 
 masked selects; dy is re-read once per filter row (7 times, from L1/L2: a split is a few hundred
 pixels). The fp32 partials (splits x 49 x C, splits x C) are summed by the host: deterministic, no
 atomics.
+
+One-pass backward (``set_backward_mode("fused")``): with s_t the tap's shift, dx[q] = sum_t w[t] *
+dy[q - s_t] and dw[t] = sum_q dy[q - s_t] * x[q], so one load of the 49 shifted dy vectors around a
+pixel serves both gradients: dy is read from DRAM once (the split backward reads it twice) and x is
+never loaded shifted (the split weight gradient loads it 49 times per pixel from L1/L2). A program
+walks its pixels one by one with a 64 x BLOCK_C tap tile; the weight-gradient accumulators gather
+over pixels in registers, and dx[q] is a sum over the tap axis, which the compiler spreads over a
+few lanes (shuffles per pixel). Which backward is faster is for a GPU run (``bench_dwconv.py``
+times both); the split one stays the default until then.
 Weight and bias may be fp32 while x is bf16/fp16 (the usual autocast setting): they are read as
 fp32; the output has x's dtype, each gradient its input's dtype.
 """
@@ -69,6 +78,31 @@ _BWD_W_CONFIGS = pick_configs(
     ],
     triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=1),
 )
+
+
+# One-pass backward: a program walks its pixels one at a time with a 64-row tap tile (49 used) by
+# BLOCK_C channels; the 49 weight-gradient accumulators and the 49 taps stay in registers (236-247
+# per thread offline, no spills); 64 channels on one warp spilled ~480 bytes on both targets.
+_BWD_FUSED_CONFIGS = pick_configs(
+    [
+        triton.Config({"BLOCK_C": 32}, num_warps=1),
+        triton.Config({"BLOCK_C": 64}, num_warps=2),
+        triton.Config({"BLOCK_C": 128}, num_warps=4),
+    ],
+    triton.Config({"BLOCK_C": 32}, num_warps=1),
+)
+BACKWARD_MODES = ("split", "fused")
+backward_mode = "split"  # the backward of calls made from now on (set_backward_mode); split until a GPU run picks
+
+
+def set_backward_mode(mode: str) -> str:
+    """Choose the backward: ``"split"`` (dx by the forward kernel with flipped taps, then dw/db) or
+    ``"fused"`` (dx, dw and db in one pass over dy). Returns the previous mode."""
+    global backward_mode
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode must be one of {', '.join(BACKWARD_MODES)}, got {mode!r}")
+    previous, backward_mode = backward_mode, mode
+    return previous
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["C", "H", "W"])
@@ -160,6 +194,52 @@ def _dwconv7x7_bwd_w_kernel(
         tl.store(db_ptr + pid_s * C + c, tl.sum(acc_b, axis=0), mask=c_ok)
 
 
+@triton.autotune(configs=_BWD_FUSED_CONFIGS, key=["C", "H", "W"])
+@triton.jit
+def _dwconv7x7_bwd_fused_kernel(
+    x_ptr, dy_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr,  # x, dy, dx NHWC; w 49 x C taps; partials dw splits x 49 x C, db splits x C
+    NHW, H, W, C, P_PER_SPLIT,  # shapes
+    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,  # meta
+):
+    # With s_t = (kh - 3, kw - 3) and q any pixel:
+    #   dx[q] = sum_t w[t] * dy[q - s_t]          dw[t] = sum_q dy[q - s_t] * x[q]
+    # so the 49 shifted dy vectors around q serve both: each is read once (from L1/L2; dy itself
+    # from DRAM once) for one FMA into dx[q] and one into the tap's accumulator. The accumulators
+    # gather over the program's pixels in registers (no cross-thread reduction in the loop); the
+    # host sums the splits' fp32 partials, as for the split backward.
+    pid_s = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    t = tl.arange(0, 64)
+    t_ok = t < 49
+    kh = t // 7
+    kw = t % 7
+    shift = (3 - kh) * W + (3 - kw)  # dy[q - s_t] as a flat pixel offset from q
+    tile_ok = t_ok[:, None] & c_ok[None, :]
+    taps = tl.load(w_ptr + t[:, None] * C + c[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((64, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    p_begin = pid_s * P_PER_SPLIT
+    p_end = tl.minimum(p_begin + P_PER_SPLIT, NHW)
+    for q in range(p_begin, p_end):
+        h = (q // W) % H
+        w = q % W
+        hh = h + 3 - kh
+        ww = w + 3 - kw
+        ok = t_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        src = (q + shift).to(tl.int64)[:, None] * C + c[None, :]
+        dyt = tl.load(dy_ptr + src, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        here = (q + tl.zeros((BLOCK_C,), dtype=tl.int64)) * C + c  # int64 before the multiply
+        xq = tl.load(x_ptr + here, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + here, tl.sum(taps * dyt, axis=0).to(dx_ptr.dtype.element_ty), mask=c_ok)
+        acc += dyt * xq[None, :]
+        if HAS_BIAS:
+            acc_b += tl.load(dy_ptr + here, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(dw_ptr + pid_s * 49 * C + t[:, None] * C + c[None, :], acc, mask=tile_ok)
+    if HAS_BIAS:
+        tl.store(db_ptr + pid_s * C + c, acc_b, mask=c_ok)
+
+
 @triton.jit
 def _shifted(x_row, kw: tl.constexpr, row_ok, w, W, C, c_ok):
     # x at column offset kw - 3 of a row already shifted by (kh - 3, -3), zero outside the image (fp32)
@@ -197,12 +277,26 @@ def _grad_weight_bias(x, dy, has_bias):
     return dw, (db.sum(dim=0) if has_bias else None)
 
 
+def _grad_fused(x, dy, weight, has_bias):
+    """dx, dw (fp32), db (fp32 or None) in one pass over dy (``_dwconv7x7_bwd_fused_kernel``)."""
+    N, C, H, W = x.shape
+    nhw = N * H * W
+    n_splits, per_split = split_range(nhw, triton.cdiv(C, 64), 4 * sm_count(x.device), _PIXEL_GRANULE)
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    dw = torch.empty(n_splits, K * K, C, device=x.device, dtype=torch.float32)
+    db = torch.empty(n_splits, C, device=x.device, dtype=torch.float32) if has_bias else dw
+    grid = lambda m: (n_splits, triton.cdiv(C, m["BLOCK_C"]))  # noqa: E731
+    _dwconv7x7_bwd_fused_kernel[grid](x, dy, _taps(weight), dx, dw, db, nhw, H, W, C, per_split, HAS_BIAS=has_bias)
+    return dx, dw.sum(dim=0).t().reshape(C, 1, K, K), (db.sum(dim=0) if has_bias else None)
+
+
 class _DepthwiseConv7x7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.backward_mode = backward_mode  # the mode when the forward ran
         return _conv(x, _taps(weight), bias)
 
     @staticmethod
@@ -211,6 +305,12 @@ class _DepthwiseConv7x7(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx = dw = db = None
+        need_wb = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+        if ctx.backward_mode == "fused" and ctx.needs_input_grad[0] and need_wb:
+            dx, dw32, db32 = _grad_fused(x, dy, weight, ctx.has_bias)
+            dw = dw32.to(weight.dtype) if ctx.needs_input_grad[1] else None
+            db = db32.to(ctx.bias_dtype) if db32 is not None and ctx.needs_input_grad[2] else None
+            return dx, dw, db
         if ctx.needs_input_grad[0]:
             dx = _conv(dy, _taps(weight, flip=True), None)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from helpers import write_faces
-from facefuse.trainer.augment import BatchMixer, build_train_transform, explicit_pipeline, check_pipeline
+from facefuse.trainer.augment import BatchMixer, RandomShading, build_train_transform, explicit_pipeline, check_pipeline
 from facefuse.trainer.config import AugmentConfig
 from facefuse.trainer.data import (FaceDataset, eval_transform, open_rgb, read_identity_list, scan_identities,
                           split_holdout, verify_images)
@@ -108,6 +108,53 @@ def test_default_augment_pipeline_output():
     tf = build_train_transform(aug, 64, (0.5,) * 3, (0.5,) * 3)
     x = tf(Image.new("RGB", (80, 70), (10, 200, 30)))
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+
+
+def _probe(aug: AugmentConfig, image: Image.Image, size: int = 64) -> torch.Tensor:
+    """The pipeline's output mapped back to [0, 1] (mean = std = 0.5)."""
+    return build_train_transform(aug, size, (0.5,) * 3, (0.5,) * 3)(image) * 0.5 + 0.5
+
+
+def test_shift_augmentations_do_what_they_say():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    colour = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    # grey-scale: three equal channels, the ITU-R 601 luma of the input (PIL's "L" conversion)
+    grey = _probe(AugmentConfig(hflip=0, grayscale=1.0), colour)
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    luma = torch.from_numpy(np.asarray(colour.convert("L"), dtype=np.float32) / 255)
+    assert float((grey[0] - luma).abs().max()) <= 1.5 / 255
+    # blur: a low-pass filter, so white noise loses most of its variance and keeps its mean
+    plain = _probe(AugmentConfig(hflip=0), colour)
+    blurred = _probe(AugmentConfig(hflip=0, blur=1.0), colour)
+    assert float(blurred.var()) < 0.6 * float(plain.var()) and abs(float(blurred.mean() - plain.mean())) < 0.02
+    # JPEG at quality 20-90: lossy but close on a smooth image
+    ramp = Image.fromarray(np.broadcast_to(np.linspace(0, 255, 64, dtype=np.uint8), (64, 64))[..., None].repeat(3, 2))
+    coded = _probe(AugmentConfig(hflip=0, jpeg=1.0), ramp)
+    err = (coded - _probe(AugmentConfig(hflip=0), ramp)).abs()
+    assert 0 < float(err.max()) and float(err.mean()) < 0.03
+
+
+def test_zoom_out_leaves_a_black_border_of_the_expected_area():
+    white = Image.new("RGB", (64, 64), (255, 255, 255))
+    out = _probe(AugmentConfig(hflip=0, zoom=(0.5, 0.5)), white)
+    assert float(out[:, :4].max()) == 0 and float(out[:, 30:34, 30:34].min()) == 1.0  # border black, centre kept
+    assert float((out[0] > 0.5).float().mean()) == pytest.approx(0.25, abs=0.03)  # a half-size square
+    turned = _probe(AugmentConfig(hflip=0, rotate=45, zoom=(1.0, 1.0)), white)
+    assert float(turned[:, 0, 0].max()) == 0 and float(turned[:, 32, 32].min()) == 1.0  # corners leave the frame
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.8])
+def test_shading_is_a_linear_ramp_that_darkens_one_side(strength):
+    torch.manual_seed(1)
+    out = RandomShading(strength)(torch.full((3, 40, 50), 0.8))
+    gain = out[0] / 0.8
+    assert float(gain.max()) == pytest.approx(1.0) and float(gain.min()) >= 1 - strength - 1e-6
+    ys, xs = torch.meshgrid(torch.arange(40.0), torch.arange(50.0), indexing="ij")
+    design = torch.stack([torch.ones_like(xs), xs, ys], -1).reshape(-1, 3).double()
+    fit = torch.linalg.lstsq(design, gain.reshape(-1, 1).double()).solution
+    assert float((design @ fit - gain.reshape(-1, 1).double()).abs().max()) < 1e-5  # a plane: directional light
+    assert torch.equal(out[0], out[2])  # the same gain on every channel
 
 
 def test_pipeline_order_error_names_transform():

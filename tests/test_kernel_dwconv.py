@@ -8,7 +8,8 @@ from helpers import kernel_devices
 import torch
 
 from facefuse.kernels._common import INTERPRETING
-from facefuse.kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference
+from facefuse.kernels import dwconv
+from facefuse.kernels.dwconv import depthwise_conv7x7, depthwise_conv7x7_reference, set_backward_mode
 
 DEVICES = kernel_devices(INTERPRETING)
 pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA, or TRITON_INTERPRET=1 set before import")
@@ -92,6 +93,59 @@ def test_only_input_gradient(device):
     x64 = x.double().requires_grad_()
     depthwise_conv7x7_reference(x64, w.double(), b.double()).backward(dy.double())
     torch.testing.assert_close(xt.grad.double(), x64.grad, atol=1e-5 * x64.grad.abs().max().item(), rtol=1e-5)
+
+
+@pytest.fixture
+def fused_backward():
+    previous = set_backward_mode("fused")
+    yield
+    set_backward_mode(previous)
+
+
+# the one-pass backward walks pixels one by one (slow under the interpreter): few, varied shapes,
+# including an image smaller than the kernel, a channel count that is not a multiple of any block,
+# several pixel splits, no bias, and half precision
+FUSED_CASES = [
+    (1, 3, 1, 1, True, FP32),
+    (2, 17, 7, 13, True, FP32),
+    (2, 40, 9, 5, False, FP32),
+    (1, 17, 13, 13, True, BF16),
+    (1, 9, 5, 11, True, FP16),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N,C,H,W,bias,dtype_tol", FUSED_CASES)
+def test_fused_backward_matches_conv2d(device, N, C, H, W, bias, dtype_tol, fused_backward):
+    dtype, tol = dtype_tol
+    x, w, b, dy = make_inputs(N, C, H, W, dtype, bias, seed=N * 100 + C + H, device=device)
+    check_against_reference(x, w, b, dy, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_backward_splits_pixels_and_mixes_dtypes(device, monkeypatch, fused_backward):
+    """Several pixel splits summed by the host, fp32 parameters with bf16 activations."""
+    monkeypatch.setattr(dwconv, "_PIXEL_GRANULE", 16)
+    x, w, b, dy = make_inputs(2, 6, 9, 10, torch.bfloat16, True, seed=8, device=device, param_dtype=torch.float32)
+    check_against_reference(x, w, b, dy, 1e-2)
+
+
+def test_backward_mode_is_checked_and_taken_at_forward_time():
+    with pytest.raises(ValueError, match="backward mode must be one of split, fused, got 'one-pass'"):
+        set_backward_mode("one-pass")
+    assert dwconv.backward_mode == "split"  # unchanged by the refused call
+    calls = []
+    x, w, b, dy = make_inputs(1, 3, 4, 4, torch.float32, True, seed=2)
+    real = dwconv._grad_fused
+    try:
+        dwconv._grad_fused = lambda *a: calls.append(1) or real(*a)
+        previous = set_backward_mode("fused")
+        y = depthwise_conv7x7(x.clone().requires_grad_(), w.clone().requires_grad_(), b)
+        set_backward_mode(previous)  # changed after the forward: the graph keeps the fused backward
+        y.backward(dy)
+    finally:
+        dwconv._grad_fused = real
+    assert calls == [1]
 
 
 def test_wrong_layout_raises():

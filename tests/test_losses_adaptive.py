@@ -165,3 +165,25 @@ def test_subcenter_rejects_bad_counts_and_heads_refuse_easy_margin():
         SubCenterArcFace(4, 3, subcenters=0)
     with pytest.raises(ValueError, match="easy_margin"):
         build_head("adaface", 4, 3, easy_margin=True)
+
+
+def test_head_options_reach_the_head_and_foreign_ones_are_refused():
+    head = build_head("subcenter_arcface", 4, 3, subcenters=2)
+    assert head.subcenters == 2 and tuple(head.weight.shape) == (6, 4)
+    ada = build_head("adaface", 4, 3, h=0.5, t_alpha=0.1)
+    assert (ada.h, ada.t_alpha) == (0.5, 0.1)
+    with pytest.raises(ValueError, match="subcenters: not a setting of the 'adaface' head; valid: h, t_alpha"):
+        build_head("adaface", 4, 3, subcenters=2)
+    with pytest.raises(ValueError, match="h: not a setting of the 'arcface' head; valid: none"):
+        build_head("arcface", 4, 3, h=0.5)
+
+
+def test_head_options_from_the_config_build_the_model():
+    from facefuse.trainer.config import resolve_config
+    from facefuse.trainer.model import build_face_model
+
+    cfg = resolve_config(None, {"loss.name": "subcenter_arcface", "loss.head_options.subcenters": 4,
+                                "model.backbone": "mobilenetv2", "model.width": 0.25, "model.image_size": 32},
+                         {})
+    model = build_face_model(cfg.model, cfg.loss, num_classes=5)
+    assert model.head.subcenters == 4 and model.head.weight.shape[0] == 20

@@ -7,6 +7,8 @@ step that receives the wrong kind of input (PIL vs tensor) is reported by index 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -34,6 +36,9 @@ def default_pipeline(aug: AugmentConfig, image_size: int, mean, std) -> list:
         steps.append(v2.RandomResizedCrop(image_size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1), antialias=True))
     else:
         steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    if aug.rotate > 0 or aug.translate > 0 or tuple(aug.zoom) != (1.0, 1.0):
+        steps.append(v2.RandomAffine(degrees=aug.rotate, translate=(aug.translate, aug.translate) if aug.translate else None,
+                                     scale=tuple(aug.zoom), interpolation=v2.InterpolationMode.BILINEAR))
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
     if aug.vflip > 0:
@@ -45,7 +50,18 @@ def default_pipeline(aug: AugmentConfig, image_size: int, mean, std) -> list:
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4)))
     if aug.randaugment > 0:
         steps.append(v2.RandAugment(num_ops=2, magnitude=aug.randaugment))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if aug.grayscale > 0:
+        steps.append(v2.RandomGrayscale(aug.grayscale))
+    if aug.blur > 0:
+        sigma = image_size / 64
+        kernel = 2 * math.ceil(3 * 1.5 * sigma) + 1  # +-3 sigma of the widest blur
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.2 * sigma, 1.5 * sigma))], p=aug.blur))
+    if aug.jpeg > 0:  # on uint8, after the geometric and colour steps
+        steps.append(v2.RandomApply([v2.JPEG((20, 90))], p=aug.jpeg))
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if aug.shading > 0:
+        steps.append(RandomShading(aug.shading))
+    steps.append(v2.Normalize(list(mean), list(std)))
     if aug.random_erasing > 0:
         steps.append(v2.RandomErasing(p=aug.random_erasing, scale=(0.02, 0.2), value=0))
     return steps
@@ -90,6 +106,26 @@ def build_train_transform(aug: AugmentConfig, image_size: int, mean, std) -> v2.
     steps = explicit_pipeline(aug.pipeline) if aug.pipeline else default_pipeline(aug, image_size, mean, std)
     check_pipeline(steps, image_size)
     return v2.Compose(steps)
+
+
+class RandomShading(torch.nn.Module):
+    """Directional lighting on a float image in [0, 1]: multiply by a linear ramp ``1 - s * t`` where
+    ``t`` runs from 0 to 1 across the image along a random direction and ``s`` is uniform in
+    ``[0, strength]`` (one side keeps its brightness, the opposite side is darkened by ``s``)."""
+
+    def __init__(self, strength: float):
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        angle = torch.rand(()) * 2 * math.pi
+        ys = torch.linspace(-1, 1, h).view(h, 1)
+        xs = torch.linspace(-1, 1, w).view(1, w)
+        proj = xs * torch.cos(angle) + ys * torch.sin(angle)
+        t = (proj - proj.min()) / (proj.max() - proj.min()).clamp_min(1e-6)
+        gain = 1 - torch.rand(()) * self.strength * t
+        return (img * gain.to(img.dtype)).clamp_(0, 1)
 
 
 class BatchMixer:

@@ -61,6 +61,15 @@ class AugmentConfig:
     color_jitter: float = _f(0.0, "ColorJitter brightness/contrast/saturation strength (0 = off).")
     perspective: float = _f(0.0, "RandomPerspective distortion (0 = off).")
     randaugment: int = _f(0, "RandAugment magnitude (0 = off).")
+    rotate: float = _f(0.0, "Misalignment jitter: rotation up to +-this many degrees (0 = off).")
+    translate: float = _f(0.0, "Misalignment jitter: shift up to this fraction of the side (0 = off).")
+    zoom: tuple[float, float] = _f((1.0, 1.0), "Misalignment jitter: scale range (lo, hi); lo < 1 zooms out "
+                                               "(a wider, detector-style crop).")
+    grayscale: float = _f(0.0, "Probability of a grey-scale image (3 equal channels).")
+    blur: float = _f(0.0, "Probability of a Gaussian blur (sigma 0.2-1.5 px at 64 px, scaled with the size).")
+    jpeg: float = _f(0.0, "Probability of a JPEG re-encode at quality 20-90.")
+    shading: float = _f(0.0, "Directional lighting: a random linear brightness ramp of up to this strength "
+                             "edge to edge (0 = off; 0.8 darkens one side to 0.2).")
     random_erasing: float = _f(0.0, "RandomErasing probability.")
     mixup: float = _f(0.0, "MixUp alpha (0 = off).")
     cutmix: float = _f(0.0, "CutMix alpha (0 = off).")
@@ -90,6 +99,8 @@ class LossConfig:
     m3: float = _f(0.0, "Combined margin: m3 (head `combined` only).")
     easy_margin: bool = _f(False, "insightface's easy margin: the margin only where cos(theta) > 0.")
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy.")
+    head_options: dict = _f({}, "Settings of the head in use, by its own names (adaface: h, t_alpha; "
+                                "subcenter_arcface: subcenters), e.g. --set loss.head_options.subcenters=2.")
     pair_loss: str | None = _f(None, "Joint pair loss added to the classification loss.")
     pair_weight: float = _f(1.0, "lambda in classification + lambda * pair loss.")
     pair_options: dict = _f({}, "Settings of the pair loss in use, by its own names "
@@ -359,13 +370,18 @@ def validate(cfg: TrainConfig, where: dict | None = None) -> None:
     check(l.pair_weight >= 0, "loss.pair_weight", f"must be >= 0, got {l.pair_weight}")
     check(0 < l.sample_rate <= 1, "loss.sample_rate", f"must be in (0, 1], got {l.sample_rate}")
     check(l.sample_rate == 1 or l.head_parallel, "loss.sample_rate", "class sampling needs --head-parallel")
-    for key in ("hflip", "vflip", "random_erasing"):
+    for key in ("hflip", "vflip", "random_erasing", "grayscale", "blur", "jpeg"):
         p = getattr(a, key)
         check(0 <= p <= 1, f"augment.{key}", f"probability must be in [0, 1], got {p}")
     check(0 < a.crop_scale <= 1, "augment.crop_scale", f"must be in (0, 1], got {a.crop_scale}")
     for key in ("color_jitter", "perspective", "mixup", "cutmix"):
         check(getattr(a, key) >= 0, f"augment.{key}", f"must be >= 0, got {getattr(a, key)}")
     check(0 <= a.perspective <= 1, "augment.perspective", f"must be in [0, 1], got {a.perspective}")
+    check(0 <= a.rotate <= 180, "augment.rotate", f"degrees must be in [0, 180], got {a.rotate}")
+    check(0 <= a.translate < 0.5, "augment.translate", f"must be in [0, 0.5), got {a.translate}")
+    check(len(a.zoom) == 2 and 0 < a.zoom[0] <= a.zoom[1] <= 4, "augment.zoom",
+          f"must be (lo, hi) with 0 < lo <= hi <= 4, got {a.zoom}")
+    check(0 <= a.shading < 1, "augment.shading", f"must be in [0, 1), got {a.shading}")
     check(0 <= a.randaugment <= 30, "augment.randaugment", f"magnitude must be in [0, 30], got {a.randaugment}")
     check(cfg.time_budget >= 0, "time_budget", f"must be >= 0, got {cfg.time_budget}")
     check(cfg.eval_every >= 1, "eval_every", f"must be >= 1, got {cfg.eval_every}")
@@ -378,6 +394,7 @@ def _validate_names(cfg: TrainConfig, check) -> None:
     """Names that live in registries: backbone, neck, loss, pair loss and its settings."""
     from facefuse.trainer.backbones import BACKBONES
     from facefuse.trainer.losses import HEADS, PAIR_LOSSES, pair_loss_settings
+    from facefuse.trainer.losses.margin import head_settings
     from facefuse.trainer.model import NECKS
 
     l = cfg.loss
@@ -394,6 +411,15 @@ def _validate_names(cfg: TrainConfig, check) -> None:
           f"--loss {l.name} is a pair loss; the sharded head needs a margin head (arcface, cosface, ...)")
     check(not (l.head_parallel and l.name == "softmax"), "loss.head_parallel",
           "the sharded head needs a margin head (arcface, cosface, sphereface, normface, combined), not softmax")
+    if l.name in HEADS:
+        valid_head = sorted(head_settings(l.name))
+        for key in l.head_options:
+            check(key in valid_head, "loss.head_options",
+                  f"{key}: not a setting of the {l.name!r} head; valid: {', '.join(valid_head) or 'none'}")
+        check(not (l.head_options and l.head_parallel), "loss.head_options",
+              "the sharded head (--head-parallel) takes no head options")
+    else:
+        check(not l.head_options, "loss.head_options", f"set, but --loss {l.name} is not a classification head")
     in_use = pair_loss_in_use(cfg)
     if in_use is None:
         check(not l.pair_options, "loss.pair_options", "set, but no pair loss is in use")

@@ -178,7 +178,7 @@ def build_face_model(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: 
             head = ShardedMarginHead.from_options(name, model_cfg.embedding_dim, num_classes,
                                                   sample_rate=loss_cfg.sample_rate, seed=seed, **options)
         else:
-            head = build_head(name, model_cfg.embedding_dim, num_classes, **options)
+            head = build_head(name, model_cfg.embedding_dim, num_classes, **options, **loss_cfg.head_options)
     pair_name = loss_cfg.pair_loss if name in HEADS else name
     pair = None
     if pair_name:

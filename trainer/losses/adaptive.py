@@ -78,6 +78,7 @@ class AdaFace(_CentresHead):
     """AdaFace: a margin set per image by its feature norm (module docstring)."""
 
     default_margin = 0.4
+    extra_options: ClassVar[frozenset[str]] = frozenset({"h", "t_alpha"})
 
     def __init__(self, embedding_dim: int, num_classes: int, *, s: float = 64.0, margin: float | None = None,
                  h: float = 0.333, t_alpha: float = 0.01, label_smoothing: float = 0.0,
@@ -125,6 +126,7 @@ class SubCenterArcFace(_CentresHead):
     ``weight`` is ``C*K x D``, class j's centres in rows ``j*K .. j*K + K - 1``."""
 
     default_margin = 0.5
+    extra_options: ClassVar[frozenset[str]] = frozenset({"subcenters"})
 
     def __init__(self, embedding_dim: int, num_classes: int, *, s: float = 64.0, margin: float | None = None,
                  subcenters: int = 3, label_smoothing: float = 0.0, kernel_backend: str = "torch",

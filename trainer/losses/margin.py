@@ -238,6 +238,7 @@ def build_head(
     easy_margin: bool = False,
     label_smoothing: float = 0.0,
     kernel_backend: str = "torch",
+    **head_options,
 ) -> nn.Module:
     """The classification head ``name`` of :data:`HEADS`.
 
@@ -245,9 +246,15 @@ def build_head(
     softmax and normface ignore ``margin`` (softmax also ``s``).  ``m1, m2, m3`` are for
     ``"combined"`` only: non-neutral values with another head, ``margin`` with ``"combined"``, or
     ``easy_margin`` with ``"softmax"`` raise ``ValueError`` rather than being silently dropped.
-    Each head class lists the options it takes in ``options``.
+    Each head class lists the options it takes in ``options``; ``head_options`` are a head's own
+    settings (AdaFace's ``h``, ``t_alpha``; sub-centre ArcFace's ``subcenters``), listed in its
+    ``extra_options``; any other key raises ``ValueError`` naming the valid ones.
     """
     cls = HEADS.get(name)
+    valid = sorted(head_settings(name))
+    for key in head_options:
+        if key not in valid:
+            raise ValueError(f"{key}: not a setting of the {name!r} head; valid: {', '.join(valid) or 'none'}")
     if margin is not None and {"m1", "m2", "m3"} <= cls.options:
         raise ValueError(f"margin: the {name!r} head takes m1, m2, m3, not margin")
     given_margins = {"m1": m1, "m2": m2, "m3": m3}
@@ -258,4 +265,10 @@ def build_head(
         raise ValueError(f"easy_margin: the {name!r} head has no margin")
     given = dict(given_margins, s=s, margin=margin, easy_margin=easy_margin, label_smoothing=label_smoothing,
                  kernel_backend=kernel_backend)
-    return cls(embedding_dim, num_classes, **{k: v for k, v in given.items() if k in cls.options and v is not None})
+    return cls(embedding_dim, num_classes, **{k: v for k, v in given.items() if k in cls.options and v is not None},
+               **head_options)
+
+
+def head_settings(name: str) -> frozenset[str]:
+    """The head ``name``'s own settings beyond the shared ones (``loss.head_options``)."""
+    return getattr(HEADS.get(name), "extra_options", frozenset())
