@@ -206,10 +206,18 @@ def _check_embeddings_source(argument: str, given, embeddings, labels) -> None:
                             "folder carries its labels)")
 
 
-def _embedder(model):
+def _embedder(model, detect: str = "none"):
+    from facefuse.core.facecrop import face_crop
     from facefuse.export.runtime import load_embedder
 
-    return load_embedder(model)
+    embedder = load_embedder(model)
+    embedder.crop = face_crop(detect)
+    return embedder
+
+
+DETECT = click.option("--detect", type=click.Choice(["none", "haar"]), default="none", show_default=True,
+                      help="Photos not aligned to the face template: crop each to the template square around its "
+                           "largest detected face first (OpenCV Haar; images without a face are used whole).")
 
 
 @main.command("embed")
@@ -269,8 +277,9 @@ def _index_options(command):
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--flip", is_flag=True, help="Flip test-time augmentation (also used for later adds and searches).")
 @click.option("--skip-missing", is_flag=True, help="Skip unreadable images with a count instead of failing.")
+@DETECT
 def index_build(gallery_dir, model, out_dir, embeddings, labels, kind, nlist, pq_m, hnsw_m, nprobe, k_factor,
-                ef_search, batch_size, workers, flip, skip_missing):
+                ef_search, batch_size, workers, flip, skip_missing, detect):
     """Enroll GALLERY_DIR (one folder per identity, or images named <identity>_<anything>.jpg), or
     precomputed --embeddings with their --labels."""
     from facefuse.index.enroll import build_index_folder, build_index_folder_from_embeddings, model_record
@@ -284,7 +293,7 @@ def index_build(gallery_dir, model, out_dir, embeddings, labels, kind, nlist, pq
     else:
         if not gallery_dir or not model:
             raise FacefuseError("give GALLERY_DIR and --model, or --embeddings with --labels")
-        g, skipped = build_index_folder(gallery_dir, _embedder(model), model, out_dir, kind=kind, batch_size=batch_size,
+        g, skipped = build_index_folder(gallery_dir, _embedder(model, detect), model, out_dir, kind=kind, batch_size=batch_size,
                                         num_workers=workers, flip_tta=flip, skip_missing=skip_missing, **params)
     what = "embeddings" if embeddings else "images"
     click.echo(f"indexed {len(g)} {what} of {len(g.names())} identities ({g.kind}, dim {g.dim}) into {out_dir}"
@@ -362,7 +371,9 @@ def search_cmd(images, index_dir, model, top_k, threshold, far, nprobe, ef_searc
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--flip", is_flag=True, help="Flip test-time augmentation: e(image) + e(mirror).")
-def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_missing, batch_size, workers, flip):
+@DETECT
+def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_missing, batch_size, workers, flip,
+               detect):
     """Score every pair in PAIRS (LFW pairs.txt / pairsDev*.txt, or `path_a path_b [label]` lines).
 
     Progress goes to stderr on a terminal; the summary reports pairs/s."""
@@ -379,7 +390,7 @@ def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_
     parsed = read_pairs(pairs, root=root)
     if plot and parsed.labels is None:
         raise FacefuseError(f"--plot needs labels, and {pairs} has none")
-    r = verify_pairs(parsed, _embedder(model), batch_size=batch_size, num_workers=workers, flip_tta=flip,
+    r = verify_pairs(parsed, _embedder(model, detect), batch_size=batch_size, num_workers=workers, flip_tta=flip,
                      skip_missing=skip_missing, threshold=threshold, far=far, progress=True,
                      model_name=Path(model).name)
     if plot:

@@ -19,7 +19,8 @@ recipe's ``--val-pairs-fold K --val-pairs-disjoint``). Every image of each set i
 
 Sets: ``lfw-fold<k>`` (every image of the fold's identities), ``orl`` (40 x 10 grey 92x112, not
 template-aligned) and ``yale`` (15 people, 164 grey 320x243 uncropped images): resized to the
-model's input as any image is. One JSON row per set, a table, and a ROC plot of the three sets.
+model's input as any image is, or with ``--detect haar`` first cropped to the template square
+around the face the Haar detector finds (``core.facecrop``; LFW, aligned already, is not cropped). One JSON row per set, a table, and a ROC plot of the three sets.
 
     python benchmarks/cross_dataset.py --model runs/lfw --flip
 
@@ -62,6 +63,9 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--flip", action="store_true")
+    p.add_argument("--detect", default="none", choices=["none", "haar"],
+                   help="crop each image of the --extra sets (not LFW, aligned already) to the template square "
+                        "around its detected face first (core.facecrop)")
     p.add_argument("--tag", default="", help="results name cross_dataset[-<tag>]-<device>.json (one per model)")
     p.add_argument("--plot", type=Path, default=None, help="default plots/cross_dataset[-<tag>]-roc.png")
     args = p.parse_args(argv)
@@ -150,11 +154,13 @@ def plot_rocs(curves: dict, path: Path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     from facefuse.core.metrics import verification_metrics
+    from facefuse.core.facecrop import detect_rate, face_crop
     from facefuse.export.runtime import load_embedder
     from facefuse.index.calibrate import scan_identities, thresholds_from_scores
     from facefuse.index.verify import embed_images
 
     embedder = load_embedder(args.model)
+    crop = face_crop(args.detect)
     lfw_paths, lfw_ids, _ = fold_images(args.pairs, args.lfw, args.fold)
     sets = {f"lfw-fold{args.fold}": (lfw_paths, lfw_ids)}
     for folder in args.extra:
@@ -163,6 +169,7 @@ def main(argv=None):
     rows, curves, threshold = [], {}, None
     t0 = time.perf_counter()
     for name, (paths, ids) in sets.items():
+        embedder.crop = crop if rows else None  # LFW is template-aligned already; --detect crops the others
         emb, _ = embed_images(embedder, paths, batch_size=args.batch_size, num_workers=args.workers,
                               flip_tta=args.flip)
         if threshold is None:  # the first set is the LFW fold: calibrate there
@@ -180,6 +187,7 @@ def main(argv=None):
                      "best_threshold": m["best_threshold"], "lfw_threshold": float(threshold),
                      "realised_far": float(np.mean(i >= threshold)), "realised_tar": float(np.mean(g >= threshold)),
                      "threshold_role": "calibration set" if not rows else "transfer",
+                     "faces_found": detect_rate(embedder.crop, paths)[0] if embedder.crop else None,
                      **identification(emb, ids, args.far)})
     print_table(rows, COLUMNS)
     plot_rocs(curves, args.plot)

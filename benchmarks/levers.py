@@ -2,8 +2,9 @@
 
 Every row was trained by ``lfw_suite.py --group lever`` (the default recipe plus one lever, LFW
 fold k held out, the same budget, two rows at once) and scored by ``cross_dataset.py --tag
-lever-<name>``; the baseline is the default recipe's own cross-dataset file (``cross_dataset.py``
-without a tag: the README's first command). This script only joins those JSON files: one row per
+lever-<name>``; the baseline is ``lever/default`` (the default recipe trained beside the levers), and
+the README's run of the default recipe (``cross_dataset.py`` without a tag) is shown too. This
+script only joins those JSON files: one row per
 lever with its training figures (epochs, images/s from ``lfw_protocol``) and, per set, 10-fold
 accuracy, AUC, rank-1 and the FAR realised at the LFW-calibrated 1e-2 threshold, then the change of
 each figure against the baseline and against the baseline's second seed (the noise level).
@@ -76,29 +77,34 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline-tag", default="", help="cross_dataset tag of the default recipe's run")
+    ap.add_argument("--baseline-tag", default="", help="cross_dataset tag of the README's default run")
     ap.add_argument("--plot", type=Path, default=RESULTS_DIR / "plots" / "levers.png")
     args = ap.parse_args(argv)
     slug = device_slug(device_name("cpu"))
     protocol_file = RESULTS_DIR / f"lfw_protocol-{slug}.json"
     protocol = {r["name"]: r for r in json.loads(protocol_file.read_text())["results"]} if protocol_file.is_file() else {}
 
-    candidates = [("default", args.baseline_tag)] + [(name, "lever-" + name.split("/", 1)[1]) for name in RECIPES["lever"]]
+    candidates = [("default (README run)", args.baseline_tag)] + [
+        (name, "lever-" + name.split("/", 1)[1]) for name in RECIPES["lever"]]
+    # the same models scored with --detect haar (ORL and Yale cropped around the detected face)
+    candidates += [(f"{name} + detect", f"{tag}-detect" if tag else "detect") for name, tag in candidates]
     rows, missing = [], []
     for name, tag in candidates:
         row = lever_row(name, tag, slug, protocol)
-        (rows.append(row) if row else missing.append(name))
-    if not rows or rows[0]["lever"] != "default":
-        sys.exit(f"error: {cross_dataset_file(args.baseline_tag, slug)}: the baseline's cross-dataset file is missing; "
-                 "run benchmarks/cross_dataset.py on the default recipe's run first")
-    base = rows[0]
-    seed1 = next((r for r in rows if r["lever"] == "lever/default-seed1"), None)
+        (rows.append(row) if row else missing.append(name) if not name.endswith("+ detect") else None)
+    by_name = {r["lever"]: r for r in rows}
+    # the baseline: the default recipe trained beside the levers; else the README's run of it
+    base = by_name.get("lever/default") or by_name.get("default (README run)")
+    if base is None:
+        sys.exit(f"error: {cross_dataset_file('lever-default', slug)}: no baseline scored; run lfw_suite.py --group "
+                 "lever --only lever/default and cross_dataset.py --tag lever-default first")
     for r in rows:
         for s in SETS:
             for f in ("auc", "rank1"):
                 r[f"d_{s}:{f}"] = r[f"{s}:{f}"] - base[f"{s}:{f}"]
     noise = None
-    if seed1 is not None:  # the spread of the same recipe over two seeds
+    if "lever/default-seed1" in by_name and base["lever"] == "lever/default":  # one recipe, two seeds
+        seed1 = by_name["lever/default-seed1"]
         noise = {f"{s}:{f}": abs(seed1[f"{s}:{f}"] - base[f"{s}:{f}"]) for s in SETS for f in ("accuracy", "auc", "rank1")}
     columns = ["lever", "epochs", "images_per_s", *[f"{s}:{f}" for s in SETS for f in ("accuracy", "auc", "rank1", "realised_far")],
                "cross_auc_mean"]
@@ -109,7 +115,7 @@ def main(argv=None):
         print("seed spread (|default - default-seed1|):", {k: round(v, 4) for k, v in noise.items()})
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.plot)
-    settings = {"sets": list(SETS), "baseline": base["source"], "noise": noise, "not_scored": missing,
+    settings = {"sets": list(SETS), "baseline": base["lever"], "noise": noise, "not_scored": missing,
                 "plot": args.plot.name, "levers": {name: RECIPES["lever"][name] for name in RECIPES["lever"]}}
     print(f"wrote {write_results('levers', device_name('cpu'), settings, rows)} and {args.plot}")
 

@@ -31,6 +31,7 @@ class Embedder(ABC):
 
     meta: ModelMeta
     runtime: str  # "onnxruntime" or "pytorch"
+    crop = None  # a PIL -> PIL step before the resize: facefuse.core.facecrop (--detect haar), or None
 
     @abstractmethod
     def _run(self, x: torch.Tensor) -> np.ndarray:
@@ -47,6 +48,8 @@ class Embedder(ABC):
     def transform(self):
         """PIL RGB image -> model input tensor 3 x S x S (channel order applied)."""
         base = eval_transform(self.meta.image_size, self.meta.mean, self.meta.std)
+        if self.crop is not None:
+            base = _Then(self.crop, base)
         if self.meta.channel_order.upper() == "BGR":
             return lambda im: base(im).flip(0)
         return base
@@ -69,6 +72,16 @@ class Embedder(ABC):
         return embed_paths(self._run, paths, self.transform(), dim=self.dim, batch_size=batch_size,
                            num_workers=num_workers, flip_tta=flip_tta, skip_missing=skip_missing, where=where,
                            progress=progress)
+
+
+class _Then:
+    """``second(first(image))``, picklable for DataLoader workers."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, image):
+        return self.second(self.first(image))
 
 
 # ---------------------------------------------------------------- ONNX Runtime

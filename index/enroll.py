@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from facefuse.core.facecrop import face_crop
+
 import numpy as np
 
 from facefuse.index.gallery import (Gallery, build_gallery, check_model, identity_from_name, load_gallery,
@@ -41,6 +43,7 @@ def build_index_folder(gallery_dir: str | Path, embedder, model_path: str | Path
     gallery = build_gallery(emb[keep], [ids[i] for i in keep], [paths[i] for i in keep],
                             model_record(embedder, model_path), kind, **params)
     gallery.params["flip_tta"] = flip_tta
+    gallery.params["detect"] = "haar" if embedder.crop is not None else "none"  # later adds and searches crop alike
     save_gallery(gallery, out_dir)
     return gallery, len(paths) - len(keep)
 
@@ -86,6 +89,7 @@ def add_to_index_folder(index_dir: str | Path, images, embedder, *, identity: st
         ids += [identity] * len(ps) if identity else ns
     if not paths:
         raise FacefuseError("no images to add")
+    embedder.crop = face_crop(meta.get("params", {}).get("detect", "none"))
     emb, _ = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers,
                                   flip_tta=bool(meta.get("params", {}).get("flip_tta")))
     with update_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim) as gallery:
@@ -239,6 +243,7 @@ def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5,
     threshold, _ = resolve_threshold(embedder.meta, threshold, far, "the model")
     paths = expand_images(images)
     gallery = load_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
+    embedder.crop = face_crop(gallery.params.get("detect", "none"))
     emb, _ = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers,
                                   flip_tta=bool(gallery.params.get("flip_tta")))
     results = search_gallery(gallery, emb, top_k, threshold, nprobe=nprobe, ef_search=ef_search)

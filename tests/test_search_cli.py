@@ -194,3 +194,44 @@ def test_search_answers_unknown_below_the_calibrated_threshold(setup, tmp_path):
     assert run("index", "build", root / "gallery", "--model", model, "-o", plain).exit_code == 0
     assert json.loads(run("search", noise, "--index", plain, "--json").stdout)[0]["identity"] != "unknown"
     assert_one_line_error(run("search", noise, "--index", plain, "--far", 1e-3), "no calibrated thresholds")
+
+
+def test_detect_is_stored_in_the_index_and_used_by_search(setup, tmp_path, lfw):
+    """`index build --detect haar` crops every gallery face; `search` then crops its queries alike:
+    its scores equal brute force on images cropped by hand."""
+    pytest.importorskip("cv2")
+    from facefuse.core.facecrop import HaarFaceCrop
+
+    root, model, _ = setup
+    crop, gallery, queries, hand = HaarFaceCrop(), tmp_path / "gallery", [], {}
+    for k, name in enumerate(["Aaron_Peirsol", "Abdullah_Gul", "Adrien_Brody"]):
+        shots = sorted((lfw / "lfw-112" / name).glob("*.jpg"))[:2]
+        for j, shot in enumerate(shots):
+            scene = Image.new("RGB", (300, 240), (100, 100, 100))
+            scene.paste(Image.open(shot).convert("RGB").resize((160, 160)), (50 + 20 * j, 30 + 10 * k))
+            path = (gallery / name if j == 0 else tmp_path) / f"{name}_{j}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scene.save(path)
+            assert crop.box(scene) is not None
+            hand[path] = crop(scene)
+            (queries if j == 1 else []).append(path)
+    idx = tmp_path / "idx"
+    res = run("index", "build", gallery, "--model", model, "-o", idx, "--kind", "flat", "--detect", "haar")
+    assert res.exit_code == 0, res.output
+    assert json.loads((idx / "meta.json").read_text())["params"]["detect"] == "haar"
+    out = run("search", *queries, "--index", idx, "--top-k", 3, "--json")
+    assert out.exit_code == 0, out.output
+
+    emb = TorchEmbedder(model, device="cpu")
+    tf = emb.transform()
+    import torch
+
+    def embed(paths):
+        return emb.embed_tensor(torch.stack([tf(hand[p]) for p in paths]))
+
+    g_paths = sorted(p for p in hand if p.parent.parent == gallery)
+    sims = embed(queries).astype(np.float64) @ embed(g_paths).astype(np.float64).T
+    for r, row in zip(json.loads(out.stdout), sims):
+        best = {p.parent.name: s for p, s in zip(g_paths, row)}
+        for m in r["matches"]:
+            assert m["score"] == pytest.approx(best[m["identity"]], abs=1e-5)
