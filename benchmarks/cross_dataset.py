@@ -66,6 +66,8 @@ def parse_args(argv):
     p.add_argument("--detect", default="none", choices=["none", "haar"],
                    help="crop each image of the --extra sets (not LFW, aligned already) to the template square "
                         "around its detected face first (core.facecrop)")
+    p.add_argument("--detect-lfw", action="store_true", help="with --detect: crop the LFW fold too (what the crop "
+                   "does to faces that are aligned already)")
     p.add_argument("--tag", default="", help="results name cross_dataset[-<tag>]-<device>.json (one per model)")
     p.add_argument("--plot", type=Path, default=None, help="default plots/cross_dataset[-<tag>]-roc.png")
     args = p.parse_args(argv)
@@ -169,7 +171,7 @@ def main(argv=None):
     rows, curves, threshold = [], {}, None
     t0 = time.perf_counter()
     for name, (paths, ids) in sets.items():
-        embedder.crop = crop if rows else None  # LFW is template-aligned already; --detect crops the others
+        embedder.crop = crop if rows or args.detect_lfw else None  # LFW is aligned already: cropped on request
         emb, _ = embed_images(embedder, paths, batch_size=args.batch_size, num_workers=args.workers,
                               flip_tta=args.flip)
         if threshold is None:  # the first set is the LFW fold: calibrate there

@@ -41,7 +41,7 @@ def lever_row(name: str, tag: str, slug: str, protocol: dict) -> dict | None:
         return None
     doc = json.loads(path.read_text())
     row = {"lever": name, "source": path.name, "model": doc["settings"]["model"]}
-    trained = protocol.get(name)
+    trained = protocol.get(name.removesuffix(" + detect"))
     row["epochs"] = trained["epochs_done"] if trained else None
     row["images_per_s"] = round(trained["images_per_s"], 1) if trained else None
     by_set = {r["set"]: r for r in doc["results"]}
@@ -50,6 +50,20 @@ def lever_row(name: str, tag: str, slug: str, protocol: dict) -> dict | None:
             row[f"{s}:{f}"] = by_set[s][f] if s in by_set else None
     row["cross_auc_mean"] = (row["orl:auc"] + row["yale:auc"]) / 2
     return row
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README's table: per lever, epochs, then per set AUC and rank-1, and the realised FAR."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    num = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = ["| lever | epochs | LFW fold 0 acc / AUC / rank-1 | ORL AUC / rank-1 | Yale AUC / rank-1 | "
+             "ORL / Yale FAR at the LFW 1e-2 threshold |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['lever']} | {r['epochs'] or '-'} | {pct(r['lfw-fold0:accuracy'])} / "
+                     f"{num(r['lfw-fold0:auc'])} / {pct(r['lfw-fold0:rank1'])} | {num(r['orl:auc'])} / "
+                     f"{pct(r['orl:rank1'])} | {num(r['yale:auc'])} / {pct(r['yale:rank1'])} | "
+                     f"{num(r['orl:realised_far'])} / {num(r['yale:realised_far'])} |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -113,6 +127,8 @@ def main(argv=None):
         print(f"not yet scored: {', '.join(missing)}")
     if noise:
         print("seed spread (|default - default-seed1|):", {k: round(v, 4) for k, v in noise.items()})
+    print()
+    print(markdown(rows))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.plot)
     settings = {"sets": list(SETS), "baseline": base["lever"], "noise": noise, "not_scored": missing,

@@ -292,7 +292,7 @@ def test_yaml_recipes_reproduce_the_stored_rows_configs():
     doc = json.loads((lfw_report.RESULTS_DIR / "lfw_protocol-cpu2.json").read_text())
     stored = {r["name"]: r["config"] for r in doc["results"] if r.get("config")}
     checked = 0
-    for name, _, opts in lfw_suite.plan(["loss", "backbone", "recipe", "repeat", "regulariser"], "sphereface"):
+    for name, _, opts in lfw_suite.plan(["loss", "backbone", "recipe", "repeat", "regulariser", "lever"], "sphereface"):
         if name not in stored or "--init-from" in opts:
             continue
         ctx = cli.train.make_context("train", ["--data", "/tmp/d", "--out", "/tmp/x", *lfw_suite.BASE, *opts])

@@ -53,3 +53,24 @@ def test_open_set_needs_enough_impostors():
     emb = np.eye(4, dtype=np.float32)
     out = identification(emb, ids, far=0.01)
     assert out["dir_at_far"] is None and out["open_set_impostor_probes"] == 2
+
+
+def test_levers_table_is_the_join_of_the_committed_cross_dataset_files():
+    """Each committed levers row equals its cross_dataset file's figures (nothing copied by hand)."""
+    import json
+
+    from benchmarks import levers
+
+    doc = json.loads((levers.RESULTS_DIR / "levers-cpu2.json").read_text())
+    protocol = {r["name"]: r for r in json.loads((levers.RESULTS_DIR / "lfw_protocol-cpu2.json").read_text())["results"]}
+    assert doc["results"][0]["lever"] == "default (README run)" and len(doc["results"]) >= 5
+    for row in doc["results"]:
+        source = json.loads((levers.RESULTS_DIR / row["source"]).read_text())
+        by_set = {r["set"]: r for r in source["results"]}
+        for s in levers.SETS:
+            for f in levers.FIGURES:
+                assert row[f"{s}:{f}"] == by_set[s][f], (row["lever"], s, f)
+        trained = protocol.get(row["lever"].removesuffix(" + detect"))
+        assert row["epochs"] == (trained["epochs_done"] if trained else None)
+    table = levers.markdown(doc["results"])
+    assert table.count("\n") == len(doc["results"]) + 1
