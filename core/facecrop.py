@@ -98,7 +98,7 @@ def face_crop(detect: str, min_face: float = 0.2):
 
 def detect_rate(crop: HaarFaceCrop, paths) -> tuple[int, int]:
     """``(found, total)``: how many of the images have a detected face."""
-    from facefuse.trainer.data import open_rgb
+    from facefuse.core.images import open_rgb
 
     paths = list(paths)
     return sum(crop.box(open_rgb(p)) is not None for p in paths), len(paths)
