@@ -32,7 +32,7 @@ def main(argv=None):
     from facefuse.core.folders import images_under
     from facefuse.core.paths import lfw_dir, shared_data_dir
     from facefuse.index.calibrate import scan_identities
-    from facefuse.trainer.data import open_rgb
+    from facefuse.core.images import open_rgb
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lfw", default=str(lfw_dir() / "lfw-112"))

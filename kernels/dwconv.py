@@ -265,29 +265,37 @@ def _taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
     return w.t().contiguous()
 
 
-def _grad_weight_bias(x, dy, has_bias):
+def _partials(x, has_bias):
+    """The pixel split of a weight-gradient launch and its fp32 partials (splits x 49 x C, splits x C)."""
     N, C, H, W = x.shape
-    nhw = N * H * W
-    n_splits, per_split = split_range(nhw, triton.cdiv(C, 64), 4 * sm_count(x.device), _PIXEL_GRANULE)
+    n_splits, per_split = split_range(N * H * W, triton.cdiv(C, 64), 4 * sm_count(x.device), _PIXEL_GRANULE)
     dw = torch.empty(n_splits, K * K, C, device=x.device, dtype=torch.float32)
     db = torch.empty(n_splits, C, device=x.device, dtype=torch.float32) if has_bias else dw
     grid = lambda m: (n_splits, triton.cdiv(C, m["BLOCK_C"]))  # noqa: E731
-    _dwconv7x7_bwd_w_kernel[grid](x, dy, dw, db, nhw, H, W, C, per_split, HAS_BIAS=has_bias)
-    dw = dw.sum(dim=0).t().reshape(C, 1, K, K)
-    return dw, (db.sum(dim=0) if has_bias else None)
+    return grid, per_split, dw, db
+
+
+def _summed(dw, db, has_bias):
+    """The host's sum of the splits' partials: dw C x 1 x 7 x 7, db C or None (fp32)."""
+    C = dw.shape[2]
+    return dw.sum(dim=0).t().reshape(C, 1, K, K), (db.sum(dim=0) if has_bias else None)
+
+
+def _grad_weight_bias(x, dy, has_bias):
+    N, C, H, W = x.shape
+    grid, per_split, dw, db = _partials(x, has_bias)
+    _dwconv7x7_bwd_w_kernel[grid](x, dy, dw, db, N * H * W, H, W, C, per_split, HAS_BIAS=has_bias)
+    return _summed(dw, db, has_bias)
 
 
 def _grad_fused(x, dy, weight, has_bias):
     """dx, dw (fp32), db (fp32 or None) in one pass over dy (``_dwconv7x7_bwd_fused_kernel``)."""
     N, C, H, W = x.shape
-    nhw = N * H * W
-    n_splits, per_split = split_range(nhw, triton.cdiv(C, 64), 4 * sm_count(x.device), _PIXEL_GRANULE)
+    grid, per_split, dw, db = _partials(x, has_bias)
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    dw = torch.empty(n_splits, K * K, C, device=x.device, dtype=torch.float32)
-    db = torch.empty(n_splits, C, device=x.device, dtype=torch.float32) if has_bias else dw
-    grid = lambda m: (n_splits, triton.cdiv(C, m["BLOCK_C"]))  # noqa: E731
-    _dwconv7x7_bwd_fused_kernel[grid](x, dy, _taps(weight), dx, dw, db, nhw, H, W, C, per_split, HAS_BIAS=has_bias)
-    return dx, dw.sum(dim=0).t().reshape(C, 1, K, K), (db.sum(dim=0) if has_bias else None)
+    _dwconv7x7_bwd_fused_kernel[grid](x, dy, _taps(weight), dx, dw, db, N * H * W, H, W, C, per_split,
+                                      HAS_BIAS=has_bias)
+    return (dx, *_summed(dw, db, has_bias))
 
 
 class _DepthwiseConv7x7(torch.autograd.Function):
@@ -304,19 +312,17 @@ class _DepthwiseConv7x7(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        dx = dw = db = None
+        dx = dw32 = db32 = None
         need_wb = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
         if ctx.backward_mode == "fused" and ctx.needs_input_grad[0] and need_wb:
             dx, dw32, db32 = _grad_fused(x, dy, weight, ctx.has_bias)
-            dw = dw32.to(weight.dtype) if ctx.needs_input_grad[1] else None
-            db = db32.to(ctx.bias_dtype) if db32 is not None and ctx.needs_input_grad[2] else None
-            return dx, dw, db
-        if ctx.needs_input_grad[0]:
-            dx = _conv(dy, _taps(weight, flip=True), None)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            dw32, db32 = _grad_weight_bias(x, dy, ctx.has_bias)
-            dw = dw32.to(weight.dtype) if ctx.needs_input_grad[1] else None
-            db = db32.to(ctx.bias_dtype) if db32 is not None and ctx.needs_input_grad[2] else None
+        else:
+            if ctx.needs_input_grad[0]:
+                dx = _conv(dy, _taps(weight, flip=True), None)
+            if need_wb:
+                dw32, db32 = _grad_weight_bias(x, dy, ctx.has_bias)
+        dw = dw32.to(weight.dtype) if dw32 is not None and ctx.needs_input_grad[1] else None
+        db = db32.to(ctx.bias_dtype) if db32 is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
 
