@@ -228,12 +228,14 @@ DETECT = click.option("--detect", type=click.Choice(["none", "haar"]), default="
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--flip", is_flag=True, help="Flip test-time augmentation: e(image) + e(mirror).")
-def embed_cmd(source, model, out_dir, batch_size, workers, flip):
+@DETECT
+def embed_cmd(source, model, out_dir, batch_size, workers, flip, detect):
     """Embed SOURCE (a folder of identity folders, or a list file of image paths) into --out;
     under torchrun each process embeds its own part of the images."""
     from facefuse.export.extract import extract_embeddings
 
-    r = extract_embeddings(source, model, out_dir, batch_size=batch_size, num_workers=workers, flip_tta=flip)
+    r = extract_embeddings(source, model, out_dir, batch_size=batch_size, num_workers=workers, flip_tta=flip,
+                           detect=detect)
     if r.rank == 0:
         click.echo(f"embedded {r.count} images (dim {r.dim}) on {r.world_size} process(es) into {r.out}")
 
@@ -287,6 +289,9 @@ def index_build(gallery_dir, model, out_dir, embeddings, labels, kind, nlist, pq
     params = dict(nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m, nprobe=nprobe, k_factor=k_factor, ef_search=ef_search)
     if embeddings or labels:
         _check_embeddings_source("GALLERY_DIR", gallery_dir, embeddings, labels)
+        if detect != "none":
+            raise FacefuseError("--detect: --embeddings are already made; give --detect to `facefuse embed` "
+                                "(the index then keeps it for adds and searches)")
         record = model_record(_embedder(model), model) if model else None
         g = build_index_folder_from_embeddings(embeddings, labels, out_dir, model=record, kind=kind, **params)
         skipped = 0
@@ -436,8 +441,9 @@ def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--flip", is_flag=True, help="Flip test-time augmentation (use it at verify time too).")
+@DETECT
 def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, skip_missing, batch_size, workers,
-                  flip):
+                  flip, detect):
     """Calibrate decision thresholds at target false accept rates and store them in the model.
 
     SOURCE is a labelled pairs file (any format `verify` reads) or a folder with one sub-folder of
@@ -446,7 +452,7 @@ def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, 
 
     rec = calibrate(source, model, fars=list(fars) or None, impostors=impostors, seed=seed, root=root,
                     batch_size=batch_size, num_workers=workers, flip_tta=flip, skip_missing=skip_missing,
-                    progress=True, write=not dry_run)
+                    progress=True, write=not dry_run, detect=detect)
     if as_json:
         click.echo(json.dumps(rec))
         return

@@ -6,7 +6,7 @@ rank's batches are the single-process run's batches and the rows are equal bit f
 ``EMB/paths.txt`` and ``EMB/labels.txt`` (one line per row) and ``EMB/manifest.json``::
 
     {"format": "facefuse-embeddings", "version": 1, "dim": D, "count": N_rows, "dtype": "float32",
-     "normalized": true, "flip_tta": false, "world_size": N,
+     "normalized": true, "flip_tta": false, "detect": "none", "world_size": N,
      "model": {"fingerprint": ..., "backbone": ..., "embedding_dim": D, "path": ...},
      "shards": [{"file": "embeddings-00000-of-00002.npy", "start": 0, "rows": R0}, ...]}
 
@@ -79,9 +79,11 @@ class Extraction:
 
 
 def extract_embeddings(source: str | Path, model: str | Path, out: str | Path, *, batch_size: int = 64,
-                       num_workers: int | None = None, flip_tta: bool = False) -> Extraction:
+                       num_workers: int | None = None, flip_tta: bool = False, detect: str = "none") -> Extraction:
     """Embed ``source`` (folder or list file) with ``model`` into the folder ``out`` (see the module
-    docstring); under torchrun each process embeds its part. ``out`` must not hold embeddings yet."""
+    docstring); under torchrun each process embeds its part. ``out`` must not hold embeddings yet.
+    ``detect`` (``"haar"``) crops each image around its detected face first (:mod:`core.facecrop`)."""
+    from facefuse.core.facecrop import face_crop
     from facefuse.export.runtime import load_embedder
 
     out = Path(out)
@@ -96,6 +98,7 @@ def extract_embeddings(source: str | Path, model: str | Path, out: str | Path, *
         if device == "cuda":
             device = f"cuda:{info.local_rank}"
         embedder = load_embedder(model, device=device)
+        embedder.crop = face_crop(detect)
         lo, hi = rank_rows(len(paths), batch_size, info.world_size, info.rank)
         emb, _ = embedder.embed_paths(paths[lo:hi], batch_size=batch_size, num_workers=num_workers,
                                       flip_tta=flip_tta)
@@ -121,7 +124,8 @@ def _write_manifest(out: Path, paths, labels, world_size: int, batch_size: int, 
     atomic_write_text(out / "paths.txt", "".join(f"{p}\n" for p in paths))
     atomic_write_text(out / "labels.txt", "".join(f"{label}\n" for label in labels))
     manifest = {"format": FORMAT, "version": VERSION, "dim": dim, "count": len(paths), "dtype": "float32",
-                "normalized": True, "flip_tta": flip_tta, "world_size": world_size,
+                "normalized": True, "flip_tta": flip_tta, "detect": "haar" if embedder.crop is not None else "none",
+                "world_size": world_size,
                 "model": {"fingerprint": embedder.fingerprint, "backbone": embedder.meta.backbone,
                           "embedding_dim": embedder.dim, "path": str(Path(model).resolve())},
                 "shards": shards}
@@ -142,6 +146,13 @@ def _check_shards(folder: Path, shards: list[dict], dim: int | None) -> int:
         if arr.shape[1] != dim:
             raise FacefuseError(f"{path}: embeddings of dimension {arr.shape[1]}, but the other shards have {dim}")
     return dim
+
+
+def test_time_settings(folder: str | Path) -> dict:
+    """``{"flip_tta": bool, "detect": "none" | "haar"}`` an ``embed`` folder's rows were made with
+    (folders written before ``detect`` was recorded made none)."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    return {"flip_tta": bool(manifest.get("flip_tta", False)), "detect": manifest.get("detect", "none")}
 
 
 def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[str], list[str]]:

@@ -19,7 +19,7 @@ for explicitly is refused. The record (``ModelMeta.thresholds``) is::
      "best_accuracy": {"threshold": 0.37, "accuracy": 0.95},
      "provenance": {"source": "pairs.txt", "source_kind": "pairs" | "folder", "genuine_pairs": ...,
                     "impostor_pairs": ..., "images": ..., "skipped_images": ..., "identities": ...,
-                    "seed": ..., "flip_tta": false, "date": "2025-...Z", "facefuse_version": "0.2.0",
+                    "seed": ..., "flip_tta": false, "detect": "none", "date": "2025-...Z", "facefuse_version": "0.2.0",
                     "fingerprint": "<model fingerprint>"}}
 
 and is written into the model file itself (``export.runtime.write_thresholds``: ONNX metadata or
@@ -172,11 +172,14 @@ def thresholds_from_scores(genuine, impostor, fars=None) -> dict:
 def calibrate(source: str | Path, model: str | Path, embedder=None, *, fars=None,
               impostors: int = DEFAULT_IMPOSTORS, seed: int = 0, root: str | Path | None = None,
               batch_size: int = 64, num_workers: int | None = None, flip_tta: bool = False,
-              skip_missing: bool = False, progress: bool = False, write: bool = True) -> dict:
+              skip_missing: bool = False, progress: bool = False, write: bool = True, detect: str = "none") -> dict:
     """Calibrate ``model`` on ``source`` (a labelled pairs file, or a folder of identity
-    sub-folders) and, with ``write``, store the record in the model file. Returns the record."""
+    sub-folders) and, with ``write``, store the record in the model file. Returns the record.
+    ``detect`` (``"haar"``) crops each image around its detected face first, as ``verify --detect``
+    must then do too; the record's provenance keeps it and ``flip_tta``."""
     from facefuse.export.runtime import load_embedder, write_thresholds
-    from facefuse.index.verify import embed_images, pair_scores, score_pairs
+    from facefuse.core.facecrop import face_crop
+    from facefuse.index.verify import embed_images, pair_scores, score_pairs, test_time_settings
 
     if fars:
         check_fars(fars)
@@ -184,6 +187,7 @@ def calibrate(source: str | Path, model: str | Path, embedder=None, *, fars=None
         raise FacefuseError(f"--impostors {impostors}: must be at least 1")
     source = Path(source)
     embedder = embedder or load_embedder(model)
+    embedder.crop = face_crop(detect)
     kw = dict(batch_size=batch_size, num_workers=num_workers, flip_tta=flip_tta, skip_missing=skip_missing,
               progress=progress)
     if source.is_dir():
@@ -212,7 +216,7 @@ def calibrate(source: str | Path, model: str | Path, embedder=None, *, fars=None
         raise FacefuseError(f"{source.name}: {exc}") from None
     record = {"version": 1, "rule": RULE, **record,
               "provenance": {"source": source.name, **extra, "genuine_pairs": int(genuine.size),
-                             "impostor_pairs": int(impostor.size), "flip_tta": flip_tta,
+                             "impostor_pairs": int(impostor.size), **test_time_settings(flip_tta, embedder.crop),
                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                              "facefuse_version": _version(), "fingerprint": embedder.fingerprint}}
     if write:

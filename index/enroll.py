@@ -193,26 +193,31 @@ def read_labels(path: str | Path, n: int, source: str | Path = "the embeddings")
 
 
 def _embeddings_and_labels(embeddings, labels):
+    """``(rows, identities, paths, settings)``: ``settings`` are the flip / detect options a `facefuse
+    embed` folder was made with (None for a bare array: unknown)."""
     if labels is None:  # a `facefuse embed` output folder: shards in global order with its labels and paths
         from facefuse.export.extract import load_embeddings as load_embed_folder
+        from facefuse.export.extract import test_time_settings
 
         x, ids, paths = load_embed_folder(embeddings)
-        return x, ids, paths
+        return x, ids, paths, test_time_settings(embeddings)
     x = load_embeddings(embeddings)
     ids, paths = read_labels(labels, len(x), embeddings)
-    return x, ids, paths
+    return x, ids, paths, None
 
 
 def build_index_folder_from_embeddings(embeddings: str | Path, labels: str | Path, out_dir: str | Path, *,
                                        model: dict | None = None, kind: str = "auto", **params) -> Gallery:
     """Index precomputed ``embeddings`` with their ``labels`` into ``out_dir`` (no images read).
     ``model`` is the record of the model that made them (:func:`model_record`), if known."""
-    x, ids, paths = _embeddings_and_labels(embeddings, labels)
+    x, ids, paths, settings = _embeddings_and_labels(embeddings, labels)
     if model is not None and model.get("embedding_dim") not in (None, x.shape[1]):
         raise FacefuseError(f"--embeddings {embeddings}: {x.shape[1]}-d rows but the model makes "
                             f"{model['embedding_dim']}-d embeddings")
     model = model or {"fingerprint": None, "embedding_dim": int(x.shape[1]), "backbone": None, "path": None}
     gallery = build_gallery(x, ids, paths, model, kind, **params)
+    if settings:  # image adds and searches embed as the gallery's rows were made
+        gallery.params.update(settings)
     save_gallery(gallery, out_dir)
     return gallery
 
@@ -222,10 +227,15 @@ def add_embeddings_to_index_folder(index_dir: str | Path, embeddings: str | Path
     """Enroll precomputed ``embeddings`` with their ``labels`` into an existing index folder."""
     index_dir = Path(index_dir)
     meta = read_meta(index_dir)
-    x, ids, paths = _embeddings_and_labels(embeddings, labels)
+    x, ids, paths, settings = _embeddings_and_labels(embeddings, labels)
     if x.shape[1] != meta.get("dim"):
         raise FacefuseError(f"--embeddings {embeddings}: {x.shape[1]}-d rows but {index_dir} holds "
                             f"{meta.get('dim')}-d embeddings")
+    params = meta.get("params", {})
+    for key, default in (("flip_tta", False), ("detect", "none")):
+        if settings and key in params and settings[key] != params.get(key, default):
+            raise FacefuseError(f"--embeddings {embeddings}: made with {key} {settings[key]} but {index_dir} "
+                                f"embeds with {key} {params[key]}; embed again with the index's options")
     with update_gallery(index_dir) as gallery:
         gallery.add(x, ids, paths)
     return gallery, len(x)

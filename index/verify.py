@@ -103,6 +103,24 @@ def resolve_threshold(meta, threshold: float | None, far: float | None, where: s
     return stored_threshold(meta, far, where)
 
 
+def test_time_settings(flip_tta: bool, crop) -> dict:
+    """The embedding settings a calibrated threshold depends on, as stored in its provenance."""
+    return {"flip_tta": bool(flip_tta), "detect": "haar" if crop is not None else "none"}
+
+
+def calibration_mismatch(embedder, flip_tta: bool) -> str | None:
+    """Why the model's stored threshold may not hold for this run (it was calibrated with other
+    ``--flip`` / ``--detect`` settings), or None. Records without the setting count as its default."""
+    prov = ((getattr(embedder.meta, "thresholds", None) or {}).get("provenance") or {})
+    now = test_time_settings(flip_tta, getattr(embedder, "crop", None))
+    was = {"flip_tta": bool(prov.get("flip_tta", False)), "detect": prov.get("detect", "none")}
+    if was == now:
+        return None
+    say = lambda s: f"flip {'on' if s['flip_tta'] else 'off'}, detect {s['detect']}"  # noqa: E731
+    return (f"the stored threshold was calibrated with {say(was)} and this run uses {say(now)}: "
+            "its FAR may not hold (calibrate again with these options)")
+
+
 def verify_pairs(pairs_file: str | Path | Pairs, embedder, *, root: str | Path | None = None,
                  batch_size: int = 64, num_workers: int | None = None, flip_tta: bool = False,
                  skip_missing: bool = False, threshold: float | None = None, far: float | None = None,
@@ -117,6 +135,7 @@ def verify_pairs(pairs_file: str | Path | Pairs, embedder, *, root: str | Path |
     the threshold; ``note`` says why the ROC metrics are absent.
     """
     t, source = resolve_threshold(embedder.meta, threshold, far, model_name)
+    mismatch = calibration_mismatch(embedder, flip_tta) if threshold is None and t is not None else None
     pairs = pairs_file if isinstance(pairs_file, Pairs) else read_pairs(pairs_file, root=root)
     t0 = time.perf_counter()
     scores, scored, skipped = score_pairs(pairs, embedder, batch_size=batch_size, num_workers=num_workers,
@@ -139,6 +158,8 @@ def verify_pairs(pairs_file: str | Path | Pairs, embedder, *, root: str | Path |
                 t, source = result_metrics["best_threshold"], "best accuracy on these pairs"
         if t is not None:
             rates = metrics.rates_at_threshold(s, y, t)
+    if mismatch:
+        note = f"{note}; {mismatch}" if note else mismatch
     return VerifyResult(pairs, scores, scored, len(pairs.images), skipped, result_metrics, t, source, rates,
                         note, seconds)
 

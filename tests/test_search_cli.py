@@ -2,6 +2,7 @@
 the same embeddings, and each kind of bad input: exit code 2 and one `error: ...` line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,13 +197,12 @@ def test_search_answers_unknown_below_the_calibrated_threshold(setup, tmp_path):
     assert_one_line_error(run("search", noise, "--index", plain, "--far", 1e-3), "no calibrated thresholds")
 
 
-def test_detect_is_stored_in_the_index_and_used_by_search(setup, tmp_path, lfw):
-    """`index build --detect haar` crops every gallery face; `search` then crops its queries alike:
-    its scores equal brute force on images cropped by hand."""
+def _pasted_scenes(tmp_path, lfw):
+    """Two aligned LFW faces each of three people pasted into larger grey scenes (not aligned):
+    ``(gallery folder of the first shots, the second shots, {scene: its hand-made Haar crop})``."""
     pytest.importorskip("cv2")
     from facefuse.core.facecrop import HaarFaceCrop
 
-    root, model, _ = setup
     crop, gallery, queries, hand = HaarFaceCrop(), tmp_path / "gallery", [], {}
     for k, name in enumerate(["Aaron_Peirsol", "Abdullah_Gul", "Adrien_Brody"]):
         shots = sorted((lfw / "lfw-112" / name).glob("*.jpg"))[:2]
@@ -215,23 +215,95 @@ def test_detect_is_stored_in_the_index_and_used_by_search(setup, tmp_path, lfw):
             assert crop.box(scene) is not None
             hand[path] = crop(scene)
             (queries if j == 1 else []).append(path)
+    return gallery, queries, hand
+
+
+def _hand_embed(model, hand, paths):
+    import torch
+
+    emb = TorchEmbedder(model, device="cpu")
+    tf = emb.transform()
+    return emb.embed_tensor(torch.stack([tf(hand[p]) for p in paths])).astype(np.float64)
+
+
+def _assert_brute_force(out, model, hand, gallery, queries):
+    g_paths = sorted(p for p in hand if p.parent.parent == gallery)
+    sims = _hand_embed(model, hand, queries) @ _hand_embed(model, hand, g_paths).T
+    results = json.loads(out.stdout)
+    assert len(results) == len(queries)
+    for r, row in zip(results, sims):
+        best = {p.parent.name: s for p, s in zip(g_paths, row)}
+        for m in r["matches"]:
+            assert m["score"] == pytest.approx(best[m["identity"]], abs=1e-5)
+
+
+def test_detect_is_stored_in_the_index_and_used_by_search(setup, tmp_path, lfw):
+    """`index build --detect haar` crops every gallery face; `search` then crops its queries alike:
+    its scores equal brute force on images cropped by hand."""
+    root, model, _ = setup
+    gallery, queries, hand = _pasted_scenes(tmp_path, lfw)
     idx = tmp_path / "idx"
     res = run("index", "build", gallery, "--model", model, "-o", idx, "--kind", "flat", "--detect", "haar")
     assert res.exit_code == 0, res.output
     assert json.loads((idx / "meta.json").read_text())["params"]["detect"] == "haar"
     out = run("search", *queries, "--index", idx, "--top-k", 3, "--json")
     assert out.exit_code == 0, out.output
+    _assert_brute_force(out, model, hand, gallery, queries)
 
-    emb = TorchEmbedder(model, device="cpu")
-    tf = emb.transform()
-    import torch
 
-    def embed(paths):
-        return emb.embed_tensor(torch.stack([tf(hand[p]) for p in paths]))
+def test_detect_reaches_embed_the_embeddings_index_calibrate_and_verify(setup, tmp_path, lfw):
+    """`embed --detect haar` rows equal the hand-cropped embeddings; an index built from that folder
+    keeps the crop for its searches; `calibrate --detect haar` thresholds the hand-cropped scores
+    and records the crop, and `verify` without it is told the threshold may not hold."""
+    import shutil
 
-    g_paths = sorted(p for p in hand if p.parent.parent == gallery)
-    sims = embed(queries).astype(np.float64) @ embed(g_paths).astype(np.float64).T
-    for r, row in zip(json.loads(out.stdout), sims):
-        best = {p.parent.name: s for p, s in zip(g_paths, row)}
-        for m in r["matches"]:
-            assert m["score"] == pytest.approx(best[m["identity"]], abs=1e-5)
+    from facefuse.export.extract import load_embeddings
+
+    root, model, _ = setup
+    gallery, queries, hand = _pasted_scenes(tmp_path, lfw)
+    emb_dir = tmp_path / "emb"
+    r = run("embed", gallery, "--model", model, "--out", emb_dir, "--workers", 0, "--detect", "haar")
+    assert r.exit_code == 0, r.output
+    assert json.loads((emb_dir / "manifest.json").read_text())["detect"] == "haar"
+    rows, _, paths = load_embeddings(emb_dir)
+    np.testing.assert_allclose(rows, _hand_embed(model, hand, [Path(p) for p in paths]), atol=1e-5)
+
+    idx = tmp_path / "idx"
+    r = run("index", "build", "--embeddings", emb_dir, "--model", model, "-o", idx, "--kind", "flat")
+    assert r.exit_code == 0, r.output
+    params = json.loads((idx / "meta.json").read_text())["params"]
+    assert params["detect"] == "haar" and params["flip_tta"] is False
+    out = run("search", *queries, "--index", idx, "--top-k", 3, "--json")
+    assert out.exit_code == 0, out.output
+    _assert_brute_force(out, model, hand, gallery, queries)
+    # --detect beside made embeddings is refused; rows made without the crop cannot join this index
+    assert_one_line_error(run("index", "build", "--embeddings", emb_dir, "--model", model, "-o", tmp_path / "x",
+                              "--detect", "haar"), "--detect: --embeddings are already made")
+    assert run("embed", gallery, "--model", model, "--out", tmp_path / "plain", "--workers", 0).exit_code == 0
+    assert_one_line_error(run("index", "add", idx, "--embeddings", tmp_path / "plain"),
+                          "made with detect none but")
+
+    # calibrate on every pair of the six scenes: 3 genuine, 12 impostor
+    scenes = sorted(hand)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("".join(f"{a} {b} {int(a.stem[:-2] == b.stem[:-2])}\n"
+                             for i, a in enumerate(scenes) for b in scenes[i + 1:]))
+    own = tmp_path / "own.pt"
+    shutil.copy(model, own)
+    r = run("calibrate", pairs, "--model", own, "--far", 0.9, "--detect", "haar", "--json", "--workers", 0)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["provenance"]["detect"] == "haar" and rec["provenance"]["flip_tta"] is False
+    e = _hand_embed(model, hand, scenes)
+    sims = e @ e.T
+    same = np.array([[a.stem[:-2] == b.stem[:-2] for b in scenes] for a in scenes])
+    upper = np.triu(np.ones_like(same), 1)
+    genuine, impostor = sims[same & upper], np.sort(sims[~same & upper])
+    assert genuine.size == 3 and impostor.size == 12
+    (entry,) = rec["at_far"]  # at most 0.9 * 12 impostors accepted: the threshold passes the 2nd lowest
+    assert impostor[1] - 1e-5 < entry["threshold"] <= impostor[2] + 1e-5
+    assert entry["tar"] == pytest.approx(np.mean(genuine >= entry["threshold"]))
+    plain = json.loads(run("verify", pairs, "--model", own, "--json", "--workers", 0).stdout)
+    assert "calibrated with flip off, detect haar and this run uses flip off, detect none" in plain["note"]
+    cropped = json.loads(run("verify", pairs, "--model", own, "--json", "--workers", 0, "--detect", "haar").stdout)
+    assert "note" not in cropped and cropped["threshold"] == pytest.approx(entry["threshold"])
