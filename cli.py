@@ -353,6 +353,8 @@ def search_cmd(images, index_dir, model, top_k, threshold, far, nprobe, ef_searc
     embedder = _embedder(model or index_model_path(index_dir))
     results = search_images(images, index_dir, embedder, top_k=top_k, threshold=threshold, batch_size=batch_size,
                             num_workers=workers, nprobe=nprobe, ef_search=ef_search, far=far)
+    if results and results[0].get("note"):
+        click.echo(f"warning: {results[0]['note']}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=1))
         return

@@ -247,17 +247,21 @@ def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5,
     """Identify each query image (folders expanded) against the gallery in one batched call.
     Each result is :func:`index.gallery.search_gallery`'s dict plus the query ``path`` and the
     ``threshold`` below which the answer is ``unknown``: ``threshold`` if given, else the model's
-    calibrated one (at ``far``; :func:`index.calibrate.stored_threshold`), else none."""
-    from facefuse.index.verify import resolve_threshold
+    calibrated one (at ``far``; :func:`index.calibrate.stored_threshold`), else none. A calibrated
+    threshold made under other flip / detect settings than the index's adds a ``note`` to each."""
+    from facefuse.index.verify import calibration_mismatch, resolve_threshold
 
+    given = threshold is not None
     threshold, _ = resolve_threshold(embedder.meta, threshold, far, "the model")
     paths = expand_images(images)
     gallery = load_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
     embedder.crop = face_crop(gallery.params.get("detect", "none"))
-    emb, _ = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers,
-                                  flip_tta=bool(gallery.params.get("flip_tta")))
+    flip = bool(gallery.params.get("flip_tta"))
+    note = calibration_mismatch(embedder, flip) if threshold is not None and not given else None
+    emb, _ = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers, flip_tta=flip)
     results = search_gallery(gallery, emb, top_k, threshold, nprobe=nprobe, ef_search=ef_search)
-    return [{"path": str(p), **r, "threshold": threshold} for p, r in zip(paths, results)]
+    return [{"path": str(p), **r, "threshold": threshold, **({"note": note} if note else {})}
+            for p, r in zip(paths, results)]
 
 
 def index_model_path(index_dir: str | Path) -> Path:

@@ -307,3 +307,10 @@ def test_detect_reaches_embed_the_embeddings_index_calibrate_and_verify(setup, t
     assert "calibrated with flip off, detect haar and this run uses flip off, detect none" in plain["note"]
     cropped = json.loads(run("verify", pairs, "--model", own, "--json", "--workers", 0, "--detect", "haar").stdout)
     assert "note" not in cropped and cropped["threshold"] == pytest.approx(entry["threshold"])
+    # search decides at that threshold too: an index without the crop is told, the cropping one is not
+    hits = json.loads(run("search", *queries, "--index", idx, "--model", own, "--json").stdout)
+    assert all("note" not in h and h["threshold"] == pytest.approx(entry["threshold"]) for h in hits)
+    assert run("index", "build", gallery, "--model", own, "-o", tmp_path / "uncropped", "--kind", "flat").exit_code == 0
+    warned = run("search", *queries, "--index", tmp_path / "uncropped", "--json")
+    assert "warning: the stored threshold was calibrated with flip off, detect haar" in warned.stderr
+    assert all("detect none" in h["note"] for h in json.loads(warned.stdout))
