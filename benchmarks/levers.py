@@ -1,7 +1,7 @@
 """The robustness-levers table: each lever row of ``configs/lfw_suite.yaml`` scored on every set.
 
 Every row was trained by ``lfw_suite.py --group lever`` (the default recipe plus one lever, LFW
-fold k held out, the same budget, two rows at once) and scored by ``cross_dataset.py --tag
+fold k held out, the same budget, two rows at once) or ``--group longer`` (the same at 60 minutes) and scored by ``cross_dataset.py --tag
 lever-<name>``; the baseline is ``lever/default`` (the default recipe trained beside the levers), and
 the README's run of the default recipe (``cross_dataset.py`` without a tag) is shown too. This
 script only joins those JSON files: one row per
@@ -98,8 +98,9 @@ def main(argv=None):
     protocol_file = RESULTS_DIR / f"lfw_protocol-{slug}.json"
     protocol = {r["name"]: r for r in json.loads(protocol_file.read_text())["results"]} if protocol_file.is_file() else {}
 
+    levers = {**RECIPES["lever"], **RECIPES.get("longer", {})}  # the 30-minute rows, then the 60-minute ones
     candidates = [("default (README run)", args.baseline_tag)] + [
-        (name, "lever-" + name.split("/", 1)[1]) for name in RECIPES["lever"]]
+        (name, "lever-" + name.split("/", 1)[1]) for name in levers]
     # the same models scored with --detect haar (ORL and Yale cropped around the detected face)
     candidates += [(f"{name} + detect", f"{tag}-detect" if tag else "detect") for name, tag in candidates]
     rows, missing = [], []
@@ -132,7 +133,7 @@ def main(argv=None):
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.plot)
     settings = {"sets": list(SETS), "baseline": base["lever"], "noise": noise, "not_scored": missing,
-                "plot": args.plot.name, "levers": {name: RECIPES["lever"][name] for name in RECIPES["lever"]}}
+                "plot": args.plot.name, "levers": levers}
     print(f"wrote {write_results('levers', device_name('cpu'), settings, rows)} and {args.plot}")
 
 

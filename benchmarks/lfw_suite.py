@@ -9,6 +9,7 @@ already in the results file are skipped unless ``--force``.
     python benchmarks/lfw_suite.py --group regulariser --base sphereface --minutes 10 --jobs 2
     python benchmarks/lfw_suite.py --group recipe --minutes 30 --jobs 2
     python benchmarks/lfw_suite.py --group lever --minutes 30 --jobs 2   # then benchmarks/levers.py
+    python benchmarks/lfw_suite.py --group longer --minutes 60 --jobs 2  # the same levers at 60 minutes
     python benchmarks/lfw_suite.py --list
 """
 
@@ -74,7 +75,7 @@ def plan(groups: list[str], base_row: str) -> list[tuple[str, float, list[str]]]
                          [*set_options(seq["then"]), "--init-from", f"@loss/{seq['first']['name']}"]))
     if "backbone" in groups:
         rows += [(f"backbone/{name}", 1.0, set_options(cfg)) for name, cfg in RECIPES["backbone"].items()]
-    for group in ("recipe", "repeat", "lever"):
+    for group in ("recipe", "repeat", "lever", "longer"):
         if group in groups:
             rows += [(name, 1.0, set_options(cfg)) for name, cfg in RECIPES[group].items()]
     if "regulariser" in groups:
@@ -89,7 +90,7 @@ def run_dir(runs: Path, fold: int, name: str) -> Path:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group", nargs="+", default=["loss", "backbone"], choices=["loss", "backbone", "regulariser", "repeat", "recipe", "lever"])
+    ap.add_argument("--group", nargs="+", default=["loss", "backbone"], choices=["loss", "backbone", "regulariser", "repeat", "recipe", "lever", "longer"])
     ap.add_argument("--base", default="arcface", choices=sorted(LOSSES), help="loss row the regularisers modify")
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget of every row")
     ap.add_argument("--fold", type=int, default=0)

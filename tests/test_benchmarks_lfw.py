@@ -315,3 +315,17 @@ def test_default_yaml_is_the_dataclass_default():
     from facefuse.trainer.config import TrainConfig
 
     assert resolve_config(lfw_suite.ROOT / "configs" / "default.yaml") == TrainConfig()
+
+
+def test_release_yaml_is_the_default_recipe_on_a_time_budget():
+    """configs/release.yaml changes nothing of the default recipe but the schedule: a budget of
+    minutes instead of 20 epochs (the rows that chose it: lever/default-60min against lever/default)."""
+    import dataclasses
+
+    from facefuse.trainer.config import TrainConfig
+
+    release = resolve_config(lfw_suite.ROOT / "configs" / "release.yaml")
+    default = TrainConfig()
+    assert release.time_budget == 60 and release.optim.epochs >= 100
+    assert dataclasses.replace(release, time_budget=0.0, optim=dataclasses.replace(release.optim, epochs=20)) == default
+    assert "lever/default-60min" in lfw_suite.RECIPES["longer"]

@@ -138,7 +138,8 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
     seed: int = _f(0, "Random seed.")
     init_from: str | None = _f(None, "Sequential fine-tuning: start from this run/checkpoint's embedder.")
-    time_budget: float = _f(0.0, "Minutes of training; the schedule follows the budget and stops when spent (0 = none).")
+    time_budget: float = _f(0.0, "Minutes spent in training steps (waits for data and validation not counted); "
+                                 "the schedule follows the budget and stops when spent (0 = none).")
     checkpoint_minutes: float = _f(5.0, "Also checkpoint this often within an epoch.")
     eval_every: int = _f(1, "Validate every this many epochs.")
     threads: int = _f(0, "CPU threads for torch (0 = torch default).")
