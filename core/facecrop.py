@@ -96,6 +96,11 @@ def face_crop(detect: str, min_face: float = 0.2):
     return None if detect == "none" else HaarFaceCrop(min_face)
 
 
+def detect_name(crop) -> str:
+    """The ``--detect`` name of a crop step (:func:`face_crop`'s inverse): what records store."""
+    return "none" if crop is None else "haar"
+
+
 def detect_rate(crop: HaarFaceCrop, paths) -> tuple[int, int]:
     """``(found, total)``: how many of the images have a detected face."""
     from facefuse.core.images import open_rgb

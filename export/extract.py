@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from facefuse.core.errors import FacefuseError
+from facefuse.core.facecrop import detect_name, face_crop
 from facefuse.core.files import atomic_path, atomic_write_text
 from facefuse.core.folders import scan_identity_folder
 from facefuse.trainer import distributed
@@ -83,7 +84,6 @@ def extract_embeddings(source: str | Path, model: str | Path, out: str | Path, *
     """Embed ``source`` (folder or list file) with ``model`` into the folder ``out`` (see the module
     docstring); under torchrun each process embeds its part. ``out`` must not hold embeddings yet.
     ``detect`` (``"haar"``) crops each image around its detected face first (:mod:`core.facecrop`)."""
-    from facefuse.core.facecrop import face_crop
     from facefuse.export.runtime import load_embedder
 
     out = Path(out)
@@ -124,7 +124,7 @@ def _write_manifest(out: Path, paths, labels, world_size: int, batch_size: int, 
     atomic_write_text(out / "paths.txt", "".join(f"{p}\n" for p in paths))
     atomic_write_text(out / "labels.txt", "".join(f"{label}\n" for label in labels))
     manifest = {"format": FORMAT, "version": VERSION, "dim": dim, "count": len(paths), "dtype": "float32",
-                "normalized": True, "flip_tta": flip_tta, "detect": "haar" if embedder.crop is not None else "none",
+                "normalized": True, "flip_tta": flip_tta, "detect": detect_name(embedder.crop),
                 "world_size": world_size,
                 "model": {"fingerprint": embedder.fingerprint, "backbone": embedder.meta.backbone,
                           "embedding_dim": embedder.dim, "path": str(Path(model).resolve())},
@@ -148,7 +148,7 @@ def _check_shards(folder: Path, shards: list[dict], dim: int | None) -> int:
     return dim
 
 
-def test_time_settings(folder: str | Path) -> dict:
+def made_with(folder: str | Path) -> dict:
     """``{"flip_tta": bool, "detect": "none" | "haar"}`` an ``embed`` folder's rows were made with
     (folders written before ``detect`` was recorded made none)."""
     manifest = json.loads((Path(folder) / MANIFEST).read_text())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from facefuse.core.facecrop import face_crop
+from facefuse.core.facecrop import detect_name, face_crop
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def build_index_folder(gallery_dir: str | Path, embedder, model_path: str | Path
     gallery = build_gallery(emb[keep], [ids[i] for i in keep], [paths[i] for i in keep],
                             model_record(embedder, model_path), kind, **params)
     gallery.params["flip_tta"] = flip_tta
-    gallery.params["detect"] = "haar" if embedder.crop is not None else "none"  # later adds and searches crop alike
+    gallery.params["detect"] = detect_name(embedder.crop)  # later adds and searches crop alike
     save_gallery(gallery, out_dir)
     return gallery, len(paths) - len(keep)
 
@@ -197,10 +197,10 @@ def _embeddings_and_labels(embeddings, labels):
     embed` folder was made with (None for a bare array: unknown)."""
     if labels is None:  # a `facefuse embed` output folder: shards in global order with its labels and paths
         from facefuse.export.extract import load_embeddings as load_embed_folder
-        from facefuse.export.extract import test_time_settings
+        from facefuse.export.extract import made_with
 
         x, ids, paths = load_embed_folder(embeddings)
-        return x, ids, paths, test_time_settings(embeddings)
+        return x, ids, paths, made_with(embeddings)
     x = load_embeddings(embeddings)
     ids, paths = read_labels(labels, len(x), embeddings)
     return x, ids, paths, None

@@ -105,7 +105,9 @@ def resolve_threshold(meta, threshold: float | None, far: float | None, where: s
 
 def test_time_settings(flip_tta: bool, crop) -> dict:
     """The embedding settings a calibrated threshold depends on, as stored in its provenance."""
-    return {"flip_tta": bool(flip_tta), "detect": "haar" if crop is not None else "none"}
+    from facefuse.core.facecrop import detect_name
+
+    return {"flip_tta": bool(flip_tta), "detect": detect_name(crop)}
 
 
 def calibration_mismatch(embedder, flip_tta: bool) -> str | None:
