@@ -215,6 +215,10 @@ def _embedder(model, detect: str = "none"):
     return embedder
 
 
+CENTER = click.option("--center", is_flag=True,
+                      help="Centre the embeddings on the mean of all the images scored (at least 50) before cosine: "
+                           "what a set's faces share (grey, one camera) is removed, so a threshold calibrated with "
+                           "--center holds on faces unlike the calibration set (benchmarks/README.md, Centring).")
 DETECT = click.option("--detect", type=click.Choice(["none", "haar"]), default="none", show_default=True,
                       help="Photos not aligned to the face template: crop each to the template square around its "
                            "largest detected face first (OpenCV Haar; images without a face are used whole).")
@@ -379,8 +383,9 @@ def search_cmd(images, index_dir, model, top_k, threshold, far, nprobe, ef_searc
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--flip", is_flag=True, help="Flip test-time augmentation: e(image) + e(mirror).")
 @DETECT
+@CENTER
 def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_missing, batch_size, workers, flip,
-               detect):
+               detect, center):
     """Score every pair in PAIRS (LFW pairs.txt / pairsDev*.txt, or `path_a path_b [label]` lines).
 
     Progress goes to stderr on a terminal; the summary reports pairs/s."""
@@ -399,7 +404,7 @@ def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_
         raise FacefuseError(f"--plot needs labels, and {pairs} has none")
     r = verify_pairs(parsed, _embedder(model, detect), batch_size=batch_size, num_workers=workers, flip_tta=flip,
                      skip_missing=skip_missing, threshold=threshold, far=far, progress=True,
-                     model_name=Path(model).name)
+                     model_name=Path(model).name, center=center)
     if plot:
         plot_roc(plot, r)
     if out_csv:
@@ -444,8 +449,9 @@ def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
 @click.option("--flip", is_flag=True, help="Flip test-time augmentation (use it at verify time too).")
 @DETECT
+@CENTER
 def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, skip_missing, batch_size, workers,
-                  flip, detect):
+                  flip, detect, center):
     """Calibrate decision thresholds at target false accept rates and store them in the model.
 
     SOURCE is a labelled pairs file (any format `verify` reads) or a folder with one sub-folder of
@@ -454,7 +460,7 @@ def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, 
 
     rec = calibrate(source, model, fars=list(fars) or None, impostors=impostors, seed=seed, root=root,
                     batch_size=batch_size, num_workers=workers, flip_tta=flip, skip_missing=skip_missing,
-                    progress=True, write=not dry_run, detect=detect)
+                    progress=True, write=not dry_run, detect=detect, center=center)
     if as_json:
         click.echo(json.dumps(rec))
         return

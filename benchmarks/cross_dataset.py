@@ -21,7 +21,8 @@ trained on all of LFW: its LFW row is then training data, and only ORL and Yale 
 Sets: ``lfw-fold<k>`` (every image of the fold's identities), ``orl`` (40 x 10 grey 92x112, not
 template-aligned) and ``yale`` (15 people, 164 grey 320x243 uncropped images): resized to the
 model's input as any image is, or with ``--detect haar`` first cropped to the template square
-around the face the Haar detector finds (``core.facecrop``; LFW, aligned already, is not cropped). One JSON row per set, a table, and a ROC plot of the three sets.
+around the face the Haar detector finds (``core.facecrop``; LFW, aligned already, is not cropped).
+``--center`` centres each set's embeddings on that set's own mean (no labels; ``verify --center``). One JSON row per set, a table, and a ROC plot of the three sets.
 
     python benchmarks/cross_dataset.py --model runs/lfw --flip
 
@@ -69,6 +70,9 @@ def parse_args(argv):
                         "around its detected face first (core.facecrop)")
     p.add_argument("--detect-lfw", action="store_true", help="with --detect: crop the LFW fold too (what the crop "
                    "does to faces that are aligned already)")
+    p.add_argument("--center", action="store_true",
+                   help="centre each set's embeddings on that set's own mean before scoring (core.vectors.center_rows, "
+                        "as verify/calibrate --center do): the LFW threshold is then calibrated on centred LFW scores")
     p.add_argument("--lfw-seen", action="store_true",
                    help="the model trained on every LFW identity (a release run): the LFW row is then its training "
                         "data, marked so, and its threshold comes from seen faces")
@@ -161,6 +165,7 @@ def main(argv=None):
     args = parse_args(argv)
     from facefuse.core.metrics import verification_metrics
     from facefuse.core.facecrop import detect_rate, face_crop
+    from facefuse.core.vectors import center_rows
     from facefuse.export.runtime import load_embedder
     from facefuse.index.calibrate import scan_identities, thresholds_from_scores
     from facefuse.index.verify import embed_images
@@ -178,6 +183,8 @@ def main(argv=None):
         embedder.crop = crop if rows or args.detect_lfw else None  # LFW is aligned already: cropped on request
         emb, _ = embed_images(embedder, paths, batch_size=args.batch_size, num_workers=args.workers,
                               flip_tta=args.flip)
+        if args.center:  # the set's own mean: no labels used
+            emb = center_rows(emb, where=name)
         if threshold is None:  # the first set is the LFW fold: calibrate there
             g_cal, i_cal = scores_of(emb, identity_pairs(ids, args.impostors, args.seed))
             record = thresholds_from_scores(g_cal, i_cal, [args.far])

@@ -2,7 +2,7 @@
 
 Every row was trained by ``lfw_suite.py --group lever`` (the default recipe plus one lever, LFW
 fold k held out, the same budget, two rows at once) or ``--group longer`` (the same at 60 minutes) and scored by ``cross_dataset.py --tag
-lever-<name>``; the baseline is ``lever/default`` (the default recipe trained beside the levers), and
+lever-<name>`` (``-detect``, ``-center``, ``-center-detect``: the same model with those test-time options); the baseline is ``lever/default`` (the default recipe trained beside the levers), and
 the README's run of the default recipe (``cross_dataset.py`` without a tag) is shown too. This
 script only joins those JSON files: one row per
 lever with its training figures (epochs, images/s from ``lfw_protocol``) and, per set, 10-fold
@@ -41,7 +41,7 @@ def lever_row(name: str, tag: str, slug: str, protocol: dict) -> dict | None:
         return None
     doc = json.loads(path.read_text())
     row = {"lever": name, "source": path.name, "model": doc["settings"]["model"]}
-    trained = protocol.get(name.removesuffix(" + detect"))
+    trained = protocol.get(name.split(" + ")[0])
     row["epochs"] = trained["epochs_done"] if trained else None
     row["images_per_s"] = round(trained["images_per_s"], 1) if trained else None
     by_set = {r["set"]: r for r in doc["results"]}
@@ -101,12 +101,15 @@ def main(argv=None):
     levers = {**RECIPES["lever"], **RECIPES.get("longer", {})}  # the 30-minute rows, then the 60-minute ones
     candidates = [("default (README run)", args.baseline_tag)] + [
         (name, "lever-" + name.split("/", 1)[1]) for name in levers]
-    # the same models scored with --detect haar (ORL and Yale cropped around the detected face)
-    candidates += [(f"{name} + detect", f"{tag}-detect" if tag else "detect") for name, tag in candidates]
+    # the same models scored with --detect haar (ORL and Yale cropped around the detected face), and
+    # with --center (each set centred on its own mean), alone and with the crop: test-time levers
+    suffix = lambda tag, extra: f"{tag}-{extra}" if tag else extra  # noqa: E731
+    candidates += [(f"{name} + {extra.replace('-', ' + ')}", suffix(tag, extra))
+                   for extra in ("detect", "center", "center-detect") for name, tag in candidates]
     rows, missing = [], []
     for name, tag in candidates:
         row = lever_row(name, tag, slug, protocol)
-        (rows.append(row) if row else missing.append(name) if not name.endswith("+ detect") else None)
+        (rows.append(row) if row else missing.append(name) if " + " not in name else None)
     by_name = {r["lever"]: r for r in rows}
     # the baseline: the default recipe trained beside the levers; else the README's run of it
     base = by_name.get("lever/default") or by_name.get("default (README run)")

@@ -172,13 +172,17 @@ def thresholds_from_scores(genuine, impostor, fars=None) -> dict:
 def calibrate(source: str | Path, model: str | Path, embedder=None, *, fars=None,
               impostors: int = DEFAULT_IMPOSTORS, seed: int = 0, root: str | Path | None = None,
               batch_size: int = 64, num_workers: int | None = None, flip_tta: bool = False,
-              skip_missing: bool = False, progress: bool = False, write: bool = True, detect: str = "none") -> dict:
+              skip_missing: bool = False, progress: bool = False, write: bool = True, detect: str = "none",
+              center: bool = False) -> dict:
     """Calibrate ``model`` on ``source`` (a labelled pairs file, or a folder of identity
     sub-folders) and, with ``write``, store the record in the model file. Returns the record.
     ``detect`` (``"haar"``) crops each image around its detected face first, as ``verify --detect``
-    must then do too; the record's provenance keeps it and ``flip_tta``."""
+    must then do too; ``center`` scores embeddings centred on the mean of the source's images
+    (``core.vectors.center_rows``), as ``verify --center`` does on its pairs. The record's provenance
+    keeps all three settings."""
     from facefuse.export.runtime import load_embedder, write_thresholds
     from facefuse.core.facecrop import face_crop
+    from facefuse.core.vectors import center_rows
     from facefuse.index.verify import embed_images, pair_scores, score_pairs, test_time_settings
 
     if fars:
@@ -196,6 +200,8 @@ def calibrate(source: str | Path, model: str | Path, embedder=None, *, fars=None
         ia, ib = impostor_pairs(ids, impostors, seed)
         _check_counts(source, ga.size, ia.size, fars)
         emb, ok = embed_images(embedder, paths, **kw)
+        if center:
+            emb = center_rows(emb, ok, where=source.name)
         genuine, impostor = pair_scores(emb, ga, gb, ok), pair_scores(emb, ia, ib, ok)
         extra = {"source_kind": "folder", "identities": len(names), "images": len(paths),
                  "skipped_images": int((~ok).sum()), "seed": seed}
@@ -205,7 +211,7 @@ def calibrate(source: str | Path, model: str | Path, embedder=None, *, fars=None
             raise FacefuseError(f"{source.name}: calibration needs labelled pairs (same/different), and it has none")
         y = pairs.labels.astype(bool)
         _check_counts(source, int(y.sum()), int((~y).sum()), fars)
-        scores, _, skipped = score_pairs(pairs, embedder, **kw)
+        scores, _, skipped = score_pairs(pairs, embedder, center=center, **kw)
         genuine, impostor = scores[y], scores[~y]
         extra = {"source_kind": "pairs", "images": len(pairs.images), "skipped_images": skipped}
     genuine, impostor = genuine[~np.isnan(genuine)], impostor[~np.isnan(impostor)]
@@ -216,7 +222,7 @@ def calibrate(source: str | Path, model: str | Path, embedder=None, *, fars=None
         raise FacefuseError(f"{source.name}: {exc}") from None
     record = {"version": 1, "rule": RULE, **record,
               "provenance": {"source": source.name, **extra, "genuine_pairs": int(genuine.size),
-                             "impostor_pairs": int(impostor.size), **test_time_settings(flip_tta, embedder.crop),
+                             "impostor_pairs": int(impostor.size), **test_time_settings(flip_tta, embedder.crop, center),
                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                              "facefuse_version": _version(), "fingerprint": embedder.fingerprint}}
     if write:

@@ -81,10 +81,15 @@ def embed_images(embedder, images, *, batch_size: int = 64, num_workers: int | N
     return emb, ok
 
 
-def score_pairs(pairs: Pairs, embedder, **embed_kw) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(scores, scored, skipped images)`` for every pair: each distinct image embedded once."""
+def score_pairs(pairs: Pairs, embedder, center: bool = False, **embed_kw) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(scores, scored, skipped images)`` for every pair: each distinct image embedded once
+    (``center``: then centred on the mean of them all, ``core.vectors.center_rows``)."""
+    from facefuse.core.vectors import center_rows
+
     where = {p: f"{pairs.source.name}:{n}" for p, n in pairs.first_lines().items()}
     emb, ok = embed_images(embedder, pairs.images, where=where, **embed_kw)
+    if center:
+        emb = center_rows(emb, ok, where=pairs.source.name)
     scores = pair_scores(emb, pairs.ia, pairs.ib, ok)
     return scores, ~np.isnan(scores), int((~ok).sum())
 
@@ -103,22 +108,25 @@ def resolve_threshold(meta, threshold: float | None, far: float | None, where: s
     return stored_threshold(meta, far, where)
 
 
-def test_time_settings(flip_tta: bool, crop) -> dict:
+def test_time_settings(flip_tta: bool, crop, center: bool = False) -> dict:
     """The embedding settings a calibrated threshold depends on, as stored in its provenance."""
     from facefuse.core.facecrop import detect_name
 
-    return {"flip_tta": bool(flip_tta), "detect": detect_name(crop)}
+    return {"flip_tta": bool(flip_tta), "detect": detect_name(crop), "center": bool(center)}
 
 
-def calibration_mismatch(embedder, flip_tta: bool) -> str | None:
+def calibration_mismatch(embedder, flip_tta: bool, center: bool = False) -> str | None:
     """Why the model's stored threshold may not hold for this run (it was calibrated with other
-    ``--flip`` / ``--detect`` settings), or None. Records without the setting count as its default."""
+    ``--flip`` / ``--detect`` / ``--center`` settings), or None. Records without the setting count
+    as its default."""
     prov = ((getattr(embedder.meta, "thresholds", None) or {}).get("provenance") or {})
-    now = test_time_settings(flip_tta, getattr(embedder, "crop", None))
-    was = {"flip_tta": bool(prov.get("flip_tta", False)), "detect": prov.get("detect", "none")}
+    now = test_time_settings(flip_tta, getattr(embedder, "crop", None), center)
+    was = {"flip_tta": bool(prov.get("flip_tta", False)), "detect": prov.get("detect", "none"),
+           "center": bool(prov.get("center", False))}
     if was == now:
         return None
-    say = lambda s: f"flip {'on' if s['flip_tta'] else 'off'}, detect {s['detect']}"  # noqa: E731
+    say = lambda s: (f"flip {'on' if s['flip_tta'] else 'off'}, detect {s['detect']}"  # noqa: E731
+                     + (", centred" if s["center"] else ""))
     return (f"the stored threshold was calibrated with {say(was)} and this run uses {say(now)}: "
             "its FAR may not hold (calibrate again with these options)")
 
@@ -126,7 +134,7 @@ def calibration_mismatch(embedder, flip_tta: bool) -> str | None:
 def verify_pairs(pairs_file: str | Path | Pairs, embedder, *, root: str | Path | None = None,
                  batch_size: int = 64, num_workers: int | None = None, flip_tta: bool = False,
                  skip_missing: bool = False, threshold: float | None = None, far: float | None = None,
-                 progress: bool = False, model_name: str = "the model") -> VerifyResult:
+                 progress: bool = False, model_name: str = "the model", center: bool = False) -> VerifyResult:
     """Score every pair in ``pairs_file`` (a path, or a :class:`Pairs` already read, in which
     case ``root`` is unused) with ``embedder`` (:class:`export.runtime.Embedder`).
 
@@ -134,14 +142,17 @@ def verify_pairs(pairs_file: str | Path | Pairs, embedder, *, root: str | Path |
     with labels of both classes, the best-accuracy one from the metrics. Pairs that lose an image
     under ``skip_missing`` get a NaN score and are left out of the metrics. Labels of one class only
     (all same-person or all different-person) still give the rate that class allows (TAR or FAR) at
-    the threshold; ``note`` says why the ROC metrics are absent.
+    the threshold; ``note`` says why the ROC metrics are absent. ``center`` scores the pairs'
+    embeddings centred on the mean of all their distinct images (``core.vectors.center_rows``): a
+    threshold calibrated so (``calibrate --center``) then holds on sets unlike the calibration set.
     """
     t, source = resolve_threshold(embedder.meta, threshold, far, model_name)
-    mismatch = calibration_mismatch(embedder, flip_tta) if threshold is None and t is not None else None
+    mismatch = calibration_mismatch(embedder, flip_tta, center) if threshold is None and t is not None else None
     pairs = pairs_file if isinstance(pairs_file, Pairs) else read_pairs(pairs_file, root=root)
     t0 = time.perf_counter()
     scores, scored, skipped = score_pairs(pairs, embedder, batch_size=batch_size, num_workers=num_workers,
-                                          flip_tta=flip_tta, skip_missing=skip_missing, progress=progress)
+                                          flip_tta=flip_tta, skip_missing=skip_missing, progress=progress,
+                                          center=center)
     seconds = time.perf_counter() - t0
     result_metrics = rates = note = None
     if pairs.labels is not None:

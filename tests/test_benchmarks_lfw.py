@@ -317,15 +317,21 @@ def test_default_yaml_is_the_dataclass_default():
     assert resolve_config(lfw_suite.ROOT / "configs" / "default.yaml") == TrainConfig()
 
 
-def test_release_yaml_is_the_default_recipe_on_a_time_budget():
-    """configs/release.yaml changes nothing of the default recipe but the schedule: a budget of
-    minutes instead of 20 epochs (the rows that chose it: lever/default-60min against lever/default)."""
+def test_release_yaml_is_the_default_recipe_with_the_mild_jitter_on_a_time_budget():
+    """configs/release.yaml is the default recipe with the lever rows' mild jitter (the same numbers
+    as configs/lfw_suite.yaml's `mild`, the rows that chose it) and a budget of minutes instead of
+    20 epochs; nothing else differs."""
     import dataclasses
 
     from facefuse.trainer.config import TrainConfig
 
     release = resolve_config(lfw_suite.ROOT / "configs" / "release.yaml")
     default = TrainConfig()
+    mild = lfw_suite.RECIPES["mild"]
     assert release.time_budget == 60 and release.optim.epochs >= 100
-    assert dataclasses.replace(release, time_budget=0.0, optim=dataclasses.replace(release.optim, epochs=20)) == default
-    assert "lever/default-60min" in lfw_suite.RECIPES["longer"]
+    assert {k: getattr(release.augment, k) for k in mild} == {k: tuple(v) if isinstance(v, list) else v
+                                                               for k, v in mild.items()}
+    augment = dataclasses.replace(release.augment, **{k: getattr(default.augment, k) for k in mild})
+    assert dataclasses.replace(release, time_budget=0.0, optim=dataclasses.replace(release.optim, epochs=20),
+                               augment=augment) == default
+    assert {"lever/mild-60min", "lever/mild-60min-seed1"} <= set(lfw_suite.RECIPES["longer"])
