@@ -22,7 +22,8 @@ Sets: ``lfw-fold<k>`` (every image of the fold's identities), ``orl`` (40 x 10 g
 template-aligned) and ``yale`` (15 people, 164 grey 320x243 uncropped images): resized to the
 model's input as any image is, or with ``--detect haar`` first cropped to the template square
 around the face the Haar detector finds (``core.facecrop``; LFW, aligned already, is not cropped).
-``--center`` centres each set's embeddings on that set's own mean (no labels; ``verify --center``). One JSON row per set, a table, and a ROC plot of the three sets.
+``--center`` centres each set's embeddings on that set's own mean (no labels; ``verify --center``).
+One JSON row per set, a table, and a ROC plot of the three sets.
 
     python benchmarks/cross_dataset.py --model runs/lfw --flip
 

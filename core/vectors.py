@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import FacefuseError
+
 
 def l2_normalize(x) -> np.ndarray:
     """Rows scaled to unit L2 norm: a new float32 array, zero rows stay zero."""
@@ -26,8 +28,6 @@ def center_rows(x, ok=None, *, where: str = "these images") -> np.ndarray:
     removing it before cosine scoring makes one threshold hold across sets (benchmarks/README.md,
     "Centring"). It needs a set, not a pair: fewer than ``CENTER_MIN_ROWS`` rows is an error.
     """
-    from .errors import FacefuseError
-
     x = l2_normalize(x)
     ok = np.ones(len(x), bool) if ok is None else np.asarray(ok, bool)
     if ok.sum() < CENTER_MIN_ROWS:
