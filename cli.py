@@ -464,9 +464,11 @@ def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, 
     if as_json:
         click.echo(json.dumps(rec))
         return
+    from facefuse.index.verify import describe_settings
+
     prov = rec["provenance"]
-    click.echo(f"calibrated on {prov['source']}: {prov['genuine_pairs']} genuine, {prov['impostor_pairs']} "
-               f"impostor pairs ({prov['images']} images)")
+    click.echo(f"calibrated on {prov['source']} ({describe_settings(prov)}): {prov['genuine_pairs']} genuine, "
+               f"{prov['impostor_pairs']} impostor pairs ({prov['images']} images)")
     for e in rec["at_far"]:
         click.echo(f"FAR {e['far']:<8g} threshold {e['threshold']:.6f}  TAR {e['tar']:.4f}  "
                    f"(realised FAR {e['realised_far']:.3g}, {e['accepted_impostors']} impostors accepted)")

@@ -115,6 +115,12 @@ def test_time_settings(flip_tta: bool, crop, center: bool = False) -> dict:
     return {"flip_tta": bool(flip_tta), "detect": detect_name(crop), "center": bool(center)}
 
 
+def describe_settings(s: dict) -> str:
+    """``flip off, detect haar[, centred]`` for a :func:`test_time_settings` record."""
+    return (f"flip {'on' if s.get('flip_tta') else 'off'}, detect {s.get('detect', 'none')}"
+            + (", centred" if s.get("center") else ""))
+
+
 def calibration_mismatch(embedder, flip_tta: bool, center: bool = False) -> str | None:
     """Why the model's stored threshold may not hold for this run (it was calibrated with other
     ``--flip`` / ``--detect`` / ``--center`` settings), or None. Records without the setting count
@@ -125,9 +131,8 @@ def calibration_mismatch(embedder, flip_tta: bool, center: bool = False) -> str 
            "center": bool(prov.get("center", False))}
     if was == now:
         return None
-    say = lambda s: (f"flip {'on' if s['flip_tta'] else 'off'}, detect {s['detect']}"  # noqa: E731
-                     + (", centred" if s["center"] else ""))
-    return (f"the stored threshold was calibrated with {say(was)} and this run uses {say(now)}: "
+    return (f"the stored threshold was calibrated with {describe_settings(was)} and this run uses "
+            f"{describe_settings(now)}: "
             "its FAR may not hold (calibrate again with these options)")
 
 

@@ -102,6 +102,8 @@ def test_verify_and_calibrate_center_match_the_formula_and_record_it(faces, tmp_
     (entry,) = rec["at_far"]
     top, k = np.sort(hand)[::-1], int(0.1 * hand.size)  # at most k impostors may reach the threshold
     assert top[k] - 1e-5 < entry["threshold"] <= top[k - 1] + 1e-5
+    text = run_cli("calibrate", pairs_file, "--model", own, "--far", 0.1, "--center", "--dry-run", "--workers", 0)
+    assert text.exit_code == 0 and "calibrated on pairs.txt (flip off, detect none, centred):" in text.stdout
     plain = json.loads(run_cli("verify", pairs_file, "--model", own, "--json", "--workers", 0).stdout)
     assert "calibrated with flip off, detect none, centred and this run uses flip off, detect none:" in plain["note"]
     centred = json.loads(run_cli("verify", pairs_file, "--model", own, "--json", "--workers", 0, "--center").stdout)
