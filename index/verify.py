@@ -117,8 +117,7 @@ def test_time_settings(flip_tta: bool, crop, center: bool = False) -> dict:
 
 def describe_settings(s: dict) -> str:
     """``flip off, detect haar[, centred]`` for a :func:`test_time_settings` record."""
-    return (f"flip {'on' if s.get('flip_tta') else 'off'}, detect {s.get('detect', 'none')}"
-            + (", centred" if s.get("center") else ""))
+    return f"flip {'on' if s['flip_tta'] else 'off'}, detect {s['detect']}" + (", centred" if s["center"] else "")
 
 
 def calibration_mismatch(embedder, flip_tta: bool, center: bool = False) -> str | None:
@@ -127,8 +126,7 @@ def calibration_mismatch(embedder, flip_tta: bool, center: bool = False) -> str 
     as its default."""
     prov = ((getattr(embedder.meta, "thresholds", None) or {}).get("provenance") or {})
     now = test_time_settings(flip_tta, getattr(embedder, "crop", None), center)
-    was = {"flip_tta": bool(prov.get("flip_tta", False)), "detect": prov.get("detect", "none"),
-           "center": bool(prov.get("center", False))}
+    was = {k: prov.get(k, default) for k, default in test_time_settings(False, None).items()}
     if was == now:
         return None
     return (f"the stored threshold was calibrated with {describe_settings(was)} and this run uses "
