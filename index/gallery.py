@@ -119,11 +119,7 @@ def build_gallery(embeddings, identities: list[str], paths: list[str], model: di
         raise ValueError("one identity and one path per embedding")
     d = embeddings.shape[1]
     try:
-        if kind == "auto":
-            kind = S.auto_kind(n, d)
-            spec = S.KINDS.get(kind)
-            params = {k: v for k, v in params.items() if k in spec.build_params + spec.search_params}
-        resolved = S.resolve_params(kind, n, d, params)
+        kind, resolved = S.resolve_kind(kind, n, d, params)
         index = S.build_index(embeddings, kind, **resolved)
     except ValueError as exc:
         raise FacefuseError(str(exc)) from None

@@ -109,9 +109,17 @@ def default_pq_m(d: int) -> int:
     raise ValueError(f"dimension {d} has no even divisor for PQ; use another index kind")
 
 
-def probe_default(nlist: int) -> int:
-    """Default ``nprobe`` of the IVF-PQ kinds: 5/16 of the lists (320 of 1024), at least 1."""
-    return max(1, (5 * nlist) // 16)
+def default_nprobe(kind: str, nlist: int, nprobe: int | None = None) -> int:
+    """IVF lists visited per query: ``nprobe`` if given, else :data:`DEFAULT_NPROBE` for ``ivf``
+    (IVF-Flat scans are costly, so few lists) and 5/16 of the lists for the fast-scan PQ kinds (320
+    of 1024: what recall@1 >= 0.99 took at 10^6 x 512, isotropic data at cosine 0.7; bench_search: a
+    quarter gave 0.983, 5/16 0.992, a half 0.999; recall is set by the probed lists, not the codes);
+    never more than ``nlist``."""
+    default = DEFAULT_NPROBE if kind == "ivf" else max(1, (5 * nlist) // 16)
+    return min(nprobe or default, nlist)
+
+
+NPROBE_HELP = f"ivf: {DEFAULT_NPROBE}; ivfpq*: 5/16 of nlist"  # what default_nprobe decides, for help texts
 
 
 def auto_kind(n: int, d: int) -> str:
@@ -119,6 +127,18 @@ def auto_kind(n: int, d: int) -> str:
     if n <= AUTO_FLAT_MAX:
         return "flat"
     return "ivfpq" if 4 * n * d <= AUTO_REFINE_FLAT_MAX_BYTES else "ivfpq-sq8"
+
+
+def resolve_kind(kind: str, n: int, d: int, params: dict) -> tuple[str, dict]:
+    """``(kind, parameters)`` with ``auto`` decided (:func:`auto_kind`) and every parameter filled in
+    (:func:`resolve_params`): the one place a gallery's kind and defaults are chosen. For ``auto``,
+    parameters the chosen kind does not take are dropped (a user asking for ``nprobe`` with ``auto``
+    may get a flat index); for a named kind they are an error."""
+    if kind == "auto":
+        kind = auto_kind(n, d)
+        spec = KINDS.get(kind)
+        params = {k: v for k, v in params.items() if k in spec.build_params + spec.search_params}
+    return kind, resolve_params(kind, n, d, params)
 
 
 def resolve_params(kind: str, n: int, d: int, params: dict) -> dict:
@@ -146,11 +166,7 @@ def resolve_params(kind: str, n: int, d: int, params: dict) -> dict:
         out["hnsw_m"] = given.get("hnsw_m") or HNSW_M
         out["ef_construction"] = given.get("ef_construction") or HNSW_EF_CONSTRUCTION
     if "nprobe" in spec.search_params:
-        # IVF-Flat scans are costly, so few lists; the fast-scan kinds probe 5/16 of theirs, what
-        # recall@1 >= 0.99 took at 10^6 x 512, isotropic data at cosine 0.7 (bench_search: a quarter
-        # gave 0.983, 5/16 0.992, a half 0.999; recall is set by the probed lists, not the codes)
-        default = DEFAULT_NPROBE if kind == "ivf" else probe_default(out["nlist"])
-        out["nprobe"] = min(given.get("nprobe") or default, out["nlist"])
+        out["nprobe"] = default_nprobe(kind, out["nlist"], given.get("nprobe"))
     if "k_factor" in spec.search_params:
         out["k_factor"] = given.get("k_factor") or DEFAULT_K_FACTOR
     if "ef_search" in spec.search_params:
@@ -201,10 +217,7 @@ def build_index(xb, kind: str = "flat", *, seed: int = 0, **params) -> faiss.Ind
     Build and search parameters are those of :func:`resolve_params` (search ones are ignored here).
     An unknown kind raises ``ValueError`` listing the valid ones."""
     n, d = xb.shape
-    if kind == "auto":
-        kind = auto_kind(n, d)
-        params = {k: v for k, v in params.items() if k in KINDS.get(kind).build_params + KINDS.get(kind).search_params}
-    p = resolve_params(kind, n, d, params)
+    kind, p = resolve_kind(kind, n, d, params)
     index = new_index(kind, d, p, seed)
     sample = train_sample(xb, kind, p, seed)
     if sample is not None:
@@ -248,8 +261,7 @@ def search_parameters(index: faiss.Index, *, nprobe: int | None = None, k_factor
                                                  base_index_params=base)
     if isinstance(index, faiss.IndexIVF):
         kind = "ivf" if isinstance(index, faiss.IndexIVFFlat) else "ivfpq"
-        default = DEFAULT_NPROBE if kind == "ivf" else probe_default(index.nlist)
-        return faiss.SearchParametersIVF(nprobe=min(nprobe or default, index.nlist))
+        return faiss.SearchParametersIVF(nprobe=default_nprobe(kind, index.nlist, nprobe))
     if isinstance(index, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(efSearch=ef_search or DEFAULT_EF_SEARCH)
     return None
