@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import typing
 
 import click
 
 from facefuse.core.errors import FacefuseError
+from facefuse.core.settings import ALIGNMENTS, EmbedSettings
 
 
-class Group(click.Group):
-    """Turns library errors into one ``error: ...`` line and exit code 2 (traceback with --debug)."""
+class Command(click.Command):
+    """Words library errors in this command's own options: the library names Python arguments
+    (``far=0: ...``, ``skip_missing=True``), the shell user reads ``--far 0: ...``, ``--skip-missing``."""
 
     def invoke(self, ctx):
         try:
@@ -20,11 +23,59 @@ class Group(click.Group):
         except FacefuseError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            raise CliError(option_words(str(exc), self)) from None
+
+
+class CliError(Exception):
+    """A library error already worded for the shell."""
+
+
+def option_words(message: str, command: click.Command) -> str:
+    """``message`` with every ``name=value`` / ``name=`` that names one of ``command``'s parameters
+    (or a trainer setting, for ``train``) rewritten as the option: ``--name value`` / ``--name``, a
+    flag's ``=True`` dropped; arguments become their metavar (``images=`` -> ``IMAGES``)."""
+    words: dict[str, tuple[str, bool]] = {}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            words[p.name] = (next((o for o in p.opts if o.startswith("--")), p.opts[0]), p.is_flag)
+        elif isinstance(p, click.Argument):
+            words[p.name] = (p.human_readable_name, False)
+    if command.name == "train":
+        for key, written in SETTING_OPTIONS.values():
+            words.setdefault(key, (written, written in BOOL_OPTIONS))
+    if not words:
+        return message
+    names = "|".join(re.escape(n) for n in sorted(words, key=len, reverse=True))
+
+    def swap(m: re.Match) -> str:
+        option, flag = words[m.group(1)]
+        if flag:
+            return option
+        return option + (" " if m.group(3) else "")
+
+    pattern = rf"(?<![\w.\-])({names})=((?:True|False)(?![\w.])|)([^\s,;:)\]]?)"
+    return re.sub(pattern, lambda m: swap(m) + m.group(3), message)
+
+
+class Group(click.Group):
+    """Turns library errors into one ``error: ...`` line and exit code 2 (traceback with --debug)."""
+
+    command_class = Command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (CliError, FacefuseError) as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+Group.group_class = Group
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,11 +125,14 @@ def _setting_options(command):
         SETTING_OPTIONS[key.replace(".", "__")] = (key, f"--{opt}")
         text = f"{f.metadata.get('help', '')}{_choices_help(key)} [{key}; default: {default_of(f)}]"
         decls = [f"--{opt}/--no-{opt}"] if base is bool else [f"--{opt}"]
+        if base is bool:
+            BOOL_OPTIONS.add(f"--{opt}")
         command = click.option(*decls, key.replace(".", "__"), type=scalar[base], default=None, help=text)(command)
     return command
 
 
 SETTING_OPTIONS: dict[str, tuple[str, str]] = {}  # click parameter -> (setting, option as written)
+BOOL_OPTIONS: set[str] = set()  # the setting options that are on/off flags
 
 
 def train_overrides(options: dict, pk=None, settings=()) -> tuple[dict, dict]:
@@ -114,8 +168,8 @@ def train(config_files, settings, resume, pk, no_progress, **options):
     (`--set optim.lr=3e-3`) and, for scalars, the option (`--lr 3e-3`)."""
     from pathlib import Path
 
+    from facefuse.api import train as run_training
     from facefuse.trainer.config import resolve_config
-    from facefuse.trainer.engine import train as run_training
 
     overrides, sources = train_overrides(options, pk, settings)
     if resume and not config_files and overrides.get("out"):
@@ -130,13 +184,13 @@ def train(config_files, settings, resume, pk, no_progress, **options):
     click.echo(json.dumps(summary, indent=2))
 
 
-# ---------------------------------------------------------------- inference (export/, index/)
+# ---------------------------------------------------------------- inference (export/, index/, verification/)
 
 MODEL_HELP = "An exported .onnx file, or a facefuse checkpoint / run folder."
 
 
 @main.command("export")
-@click.option("--onnx", "onnx_out", type=click.Path(), required=True, help="Output .onnx file.")
+@click.option("--onnx", "out", type=click.Path(), required=True, help="Output .onnx file.")
 @click.option("--checkpoint", type=click.Path(), required=True, help="Model file, training checkpoint or run folder.")
 @click.option("--fp16", is_flag=True, help="Compute in float16 inside the graph (float32 inputs and outputs).")
 @click.option("--opset", type=click.IntRange(min=7), help="ONNX opset (default: the exporter's).")
@@ -146,14 +200,13 @@ MODEL_HELP = "An exported .onnx file, or a facefuse checkpoint / run folder."
 @click.option("--int8", "int8_out", type=click.Path(),
               help="Also write an INT8 model here (needs --calib-images; see `facefuse quantize`).")
 @click.option("--calib-images", type=click.Path(), help="Face images that calibrate the INT8 model's ranges.")
-def export_cmd(onnx_out, checkpoint, fp16, opset, check_images, exporter, int8_out, calib_images):
+def export_cmd(out, checkpoint, fp16, opset, check_images, exporter, int8_out, calib_images):
     """Export the embedding model to ONNX (dynamic batch) and check it against PyTorch."""
-    from facefuse.export.onnx_export import export_onnx
+    from facefuse import api
 
     if int8_out and (fp16 or not calib_images):
         raise click.UsageError("--int8 quantizes the float32 export: give --calib-images DIR, and not --fp16")
-
-    r = export_onnx(checkpoint, onnx_out, fp16=fp16, opset=opset, check_images=check_images, exporter=exporter)
+    r = api.export_onnx(checkpoint, out, fp16=fp16, opset=opset, check_images=check_images, exporter=exporter)
     click.echo(f"exported {r.path} ({r.dtype}, opset {r.opset}) with the {r.exporter} exporter"
                + (f" (dynamo failed: {r.fallback_reason})" if r.fallback_reason else ""))
     click.echo(f"parity vs PyTorch on {r.check_source} via {r.providers[0]}: min cosine {r.min_cosine:.7f} "
@@ -162,9 +215,7 @@ def export_cmd(onnx_out, checkpoint, fp16, opset, check_images, exporter, int8_o
         fars = ", ".join(f"{e['far']:g}" for e in r.thresholds)
         click.echo(f"carried the calibrated thresholds (FAR {fars})")
     if int8_out:
-        from facefuse.export.quantize import quantize_int8
-
-        _echo_quant(quantize_int8(r.path, int8_out, calib_images))
+        _echo_quant(api.quantize_int8(r.path, int8_out, calib_images))
 
 
 def _echo_quant(r) -> None:
@@ -182,16 +233,52 @@ def _echo_quant(r) -> None:
               help="Folder of face images (any depth) to calibrate the activation ranges on.")
 @click.option("--n-images", type=click.IntRange(min=4), default=256, show_default=True,
               help="Calibration images used (a quarter is held out for the cosine check).")
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="percentile",
-              show_default=True)
+@click.option("--calib-method", "method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              default="percentile", show_default=True)
 @click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="7-bit weights (for x86 CPUs without VNNI; auto reads this CPU's flags).")
-def quantize_cmd(onnx_in, out, calib_images, n_images, calib_method, reduce_range):
+def quantize_cmd(onnx_in, out, calib_images, n_images, method, reduce_range):
     """Quantize an exported float32 ONNX model to INT8 (QDQ, per-channel weights) and check it."""
-    from facefuse.export.quantize import quantize_int8
+    from facefuse import api
 
     rr = {"auto": "auto", "on": True, "off": False}[reduce_range]
-    _echo_quant(quantize_int8(onnx_in, out, calib_images, n_images=n_images, method=calib_method, reduce_range=rr))
+    _echo_quant(api.quantize_int8(onnx_in, out, calib_images, n_images=n_images, method=method, reduce_range=rr))
+
+
+# How images become embeddings: one option per field of core.settings.EmbedSettings, read into one object.
+SETTINGS_OPTIONS = {
+    "flip": lambda: click.option("--flip", is_flag=True, default=None,
+                                 help="Flip test-time augmentation: e(image) + e(mirror)."),
+    "align": lambda: click.option(
+        "--align", "--detect", "align", type=click.Choice(list(ALIGNMENTS)), default=None,
+        help="Photos not aligned to the face template: haar crops the template square around the largest "
+             "Haar-detected face; landmarks aligns the largest face by its five detected landmarks "
+             "(--detect is the older name). [default: none]"),
+    "center": lambda: click.option(
+        "--center", is_flag=True, default=None,
+        help="Centre the embeddings on the mean of all the images scored (at least 50) before cosine: what a "
+             "set's faces share (grey, one camera) is removed, so a threshold calibrated with --center holds on "
+             "faces unlike the calibration set (benchmarks/README.md, Centring)."),
+    "batch_size": lambda: click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                                       help=f"Images per model run. [default: {EmbedSettings.batch_size}]"),
+    "workers": lambda: click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes."),
+    "skip_missing": lambda: click.option("--skip-missing", is_flag=True, default=None,
+                                         help="Skip missing/unreadable images (and their pairs) with a count."),
+}
+
+
+def settings_options(*fields):
+    """The options of these :class:`EmbedSettings` fields, in order."""
+    def decorate(command):
+        for name in reversed(fields):
+            command = SETTINGS_OPTIONS[name]()(command)
+        return command
+    return decorate
+
+
+def settings_from(options: dict) -> EmbedSettings:
+    """The :class:`EmbedSettings` of a command's parsed options (removed from ``options``)."""
+    return EmbedSettings().replace(**{k: options.pop(k) for k in list(options) if k in SETTINGS_OPTIONS})
 
 
 def _check_embeddings_source(argument: str, given, embeddings, labels) -> None:
@@ -206,40 +293,18 @@ def _check_embeddings_source(argument: str, given, embeddings, labels) -> None:
                             "folder carries its labels)")
 
 
-def _embedder(model, detect: str = "none"):
-    from facefuse.core.facecrop import face_crop
-    from facefuse.export.runtime import load_embedder
-
-    embedder = load_embedder(model)
-    embedder.crop = face_crop(detect)
-    return embedder
-
-
-CENTER = click.option("--center", is_flag=True,
-                      help="Centre the embeddings on the mean of all the images scored (at least 50) before cosine: "
-                           "what a set's faces share (grey, one camera) is removed, so a threshold calibrated with "
-                           "--center holds on faces unlike the calibration set (benchmarks/README.md, Centring).")
-DETECT = click.option("--detect", type=click.Choice(["none", "haar"]), default="none", show_default=True,
-                      help="Photos not aligned to the face template: crop each to the template square around its "
-                           "largest detected face first (OpenCV Haar; images without a face are used whole).")
-
-
 @main.command("embed")
 @click.argument("source", type=click.Path())
 @click.option("--model", required=True, type=click.Path(), help=MODEL_HELP)
-@click.option("--out", "out_dir", required=True, type=click.Path(),
+@click.option("--out", required=True, type=click.Path(),
               help="Folder to write (embeddings-RANK-of-WORLD.npy shards, paths.txt, labels.txt, manifest.json).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
-@click.option("--flip", is_flag=True, help="Flip test-time augmentation: e(image) + e(mirror).")
-@DETECT
-def embed_cmd(source, model, out_dir, batch_size, workers, flip, detect):
+@settings_options("batch_size", "workers", "flip", "align")
+def embed_cmd(source, model, out, **options):
     """Embed SOURCE (a folder of identity folders, or a list file of image paths) into --out;
     under torchrun each process embeds its own part of the images."""
-    from facefuse.export.extract import extract_embeddings
+    from facefuse import api
 
-    r = extract_embeddings(source, model, out_dir, batch_size=batch_size, num_workers=workers, flip_tta=flip,
-                           detect=detect)
+    r = api.embed_to_folder(source, model, out, settings_from(options))
     if r.rank == 0:
         click.echo(f"embedded {r.count} images (dim {r.dim}) on {r.world_size} process(es) into {r.out}")
 
@@ -249,21 +314,29 @@ def index_group():
     """Build and extend an on-disk gallery index (one folder: meta.json + the faiss index it names)."""
 
 
-KIND_NAMES = "auto, flat, ivf, hnsw, ivfpq, ivfpq-sq8, hnsw-sq8"  # index.search.KINDS (a test keeps them in step)
+def _kind_names() -> str:
+    from facefuse.index.search import KINDS
+
+    return ", ".join(["auto", *KINDS.names()])
 
 
 def _index_options(command):
-    """Kind, build and search parameters of ``index build`` (stored in the index for searches)."""
+    """Kind, build and search parameters of ``index build`` (stored in the index for searches); the
+    defaults in the help are read from index.search, where they are decided."""
+    from facefuse.index import search as S
+
     for decls, kw in reversed([
-        (("--kind",), dict(default="auto", show_default=True, help=f"Index kind: {KIND_NAMES}. auto: flat up to "
-                           "50k vectors, else ivfpq (IVF + 4-bit fast-scan PQ, exact re-ranking), ivfpq-sq8 when "
-                           "the full vectors would exceed 4 GiB.")),
+        (("--kind",), dict(default="auto", show_default=True, help=f"Index kind: {_kind_names()}. auto: flat up to "
+                           f"{S.AUTO_FLAT_MAX} vectors, else ivfpq (IVF + 4-bit fast-scan PQ, exact re-ranking), "
+                           f"ivfpq-sq8 when the full vectors would exceed {S.AUTO_REFINE_FLAT_MAX_BYTES >> 30} GiB.")),
         (("--nlist",), dict(type=click.IntRange(min=1), help="IVF lists (ivf: 4*sqrt(n); ivfpq*: sqrt(n), a power of 2).")),
         (("--pq-m",), dict(type=click.IntRange(min=2), help="PQ sub-quantizers, 4 bits each (default dim/8).")),
-        (("--hnsw-m",), dict(type=click.IntRange(min=4), help="HNSW neighbours per node (default 32).")),
-        (("--nprobe",), dict(type=click.IntRange(min=1), help="Default IVF lists visited per query (ivf: 16; ivfpq*: nlist/4).")),
-        (("--k-factor",), dict(type=click.IntRange(min=1), help="Default re-ranked candidates per result, ivfpq* (8).")),
-        (("--ef-search",), dict(type=click.IntRange(min=1), help="Default HNSW candidates per query (64).")),
+        (("--hnsw-m",), dict(type=click.IntRange(min=4), help=f"HNSW neighbours per node (default {S.HNSW_M}).")),
+        (("--nprobe",), dict(type=click.IntRange(min=1), help=f"Default IVF lists visited per query ({S.NPROBE_HELP}).")),
+        (("--k-factor",), dict(type=click.IntRange(min=1),
+                               help=f"Default re-ranked candidates per result, ivfpq* ({S.DEFAULT_K_FACTOR}).")),
+        (("--ef-search",), dict(type=click.IntRange(min=1),
+                                help=f"Default HNSW candidates per query ({S.DEFAULT_EF_SEARCH}).")),
     ]):
         command = click.option(*decls, **kw)(command)
     return command
@@ -273,40 +346,35 @@ def _index_options(command):
 @click.argument("gallery_dir", type=click.Path(), required=False)
 @click.option("--model", type=click.Path(), help=MODEL_HELP + " Required with GALLERY_DIR; with --embeddings, "
               "recorded (and its dimension checked) so `search` can default to it.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Index folder to write.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Index folder to write.")
 @click.option("--embeddings", type=click.Path(), help="Precomputed embeddings instead of GALLERY_DIR: a (n, d) float "
               ".npy, or a folder of .npy shards read in file-name order.")
 @click.option("--labels", type=click.Path(), help="Identities of the --embeddings rows, in order: .txt (one per line), "
               '.json (list, or {"identities": [...], "paths": [...]}) or .npy string array (n,) or (n, 2) identity, path.')
 @_index_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
-@click.option("--flip", is_flag=True, help="Flip test-time augmentation (also used for later adds and searches).")
-@click.option("--skip-missing", is_flag=True, help="Skip unreadable images with a count instead of failing.")
-@DETECT
-def index_build(gallery_dir, model, out_dir, embeddings, labels, kind, nlist, pq_m, hnsw_m, nprobe, k_factor,
-                ef_search, batch_size, workers, flip, skip_missing, detect):
+@settings_options("batch_size", "workers", "flip", "skip_missing", "align")
+def index_build(gallery_dir, model, out, embeddings, labels, kind, **options):
     """Enroll GALLERY_DIR (one folder per identity, or images named <identity>_<anything>.jpg), or
-    precomputed --embeddings with their --labels."""
-    from facefuse.index.enroll import build_index_folder, build_index_folder_from_embeddings, model_record
+    precomputed --embeddings with their --labels. The index keeps --flip and --align for later adds
+    and searches."""
+    from facefuse import api
 
-    params = dict(nlist=nlist, pq_m=pq_m, hnsw_m=hnsw_m, nprobe=nprobe, k_factor=k_factor, ef_search=ef_search)
+    settings = settings_from(options)
     if embeddings or labels:
         _check_embeddings_source("GALLERY_DIR", gallery_dir, embeddings, labels)
-        if detect != "none":
-            raise FacefuseError("--detect: --embeddings are already made; give --detect to `facefuse embed` "
+        if settings.align != "none":
+            raise FacefuseError("--align: --embeddings are already made; give --align to `facefuse embed` "
                                 "(the index then keeps it for adds and searches)")
-        record = model_record(_embedder(model), model) if model else None
-        g = build_index_folder_from_embeddings(embeddings, labels, out_dir, model=record, kind=kind, **params)
-        skipped = 0
+        source = embeddings
+    elif not gallery_dir or not model:
+        raise FacefuseError("give GALLERY_DIR and --model, or --embeddings with --labels")
     else:
-        if not gallery_dir or not model:
-            raise FacefuseError("give GALLERY_DIR and --model, or --embeddings with --labels")
-        g, skipped = build_index_folder(gallery_dir, _embedder(model, detect), model, out_dir, kind=kind, batch_size=batch_size,
-                                        num_workers=workers, flip_tta=flip, skip_missing=skip_missing, **params)
+        source = gallery_dir
+    m = api.load_model(model, settings) if model else None
+    _, e = api.build_gallery(source, out, m, labels=labels, kind=kind, **options)
     what = "embeddings" if embeddings else "images"
-    click.echo(f"indexed {len(g)} {what} of {len(g.names())} identities ({g.kind}, dim {g.dim}) into {out_dir}"
-               + (f"; skipped {skipped} unreadable images" if skipped else ""))
+    click.echo(f"indexed {e.size} {what} of {e.identities} identities ({e.kind}, dim {e.dim}) into {out}"
+               + (f"; skipped {e.skipped} unreadable images" if e.skipped else ""))
 
 
 @index_group.command("add")
@@ -316,25 +384,23 @@ def index_build(gallery_dir, model, out_dir, embeddings, labels, kind, nlist, pq
 @click.option("--identity", help="Identity of every image given (default: from folder / <identity>_ file names).")
 @click.option("--embeddings", type=click.Path(), help="Precomputed embeddings instead of IMAGES (as for `index build`).")
 @click.option("--labels", type=click.Path(), help="Identities of the --embeddings rows (as for `index build`).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
+@settings_options("batch_size", "workers")
 def index_add(index_dir, images, model, identity, embeddings, labels, batch_size, workers):
     """Enroll more IMAGES (files or gallery folders), or --embeddings with --labels, into INDEX_DIR
-    without rebuilding it. Concurrent adds to one index serialise; none is lost."""
-    from facefuse.index.enroll import add_embeddings_to_index_folder, add_to_index_folder, index_model_path
+    without rebuilding it, embedded as the index's own rows were. Concurrent adds to one index
+    serialise; none is lost."""
+    from facefuse import api
 
+    gallery = api.open_gallery(index_dir, model)
+    gallery.batch_size, gallery.workers = batch_size, workers
     if embeddings or labels:
         _check_embeddings_source("IMAGES", images, embeddings, labels)
-        g, added = add_embeddings_to_index_folder(index_dir, embeddings, labels)
-        what = "embeddings"
+        e, what = gallery.add_embeddings(embeddings, labels), "embeddings"
+    elif not images:
+        raise FacefuseError("give IMAGES, or --embeddings with --labels")
     else:
-        if not images:
-            raise FacefuseError("give IMAGES, or --embeddings with --labels")
-        embedder = _embedder(model or index_model_path(index_dir))
-        g, added = add_to_index_folder(index_dir, images, embedder, identity=identity, batch_size=batch_size,
-                                       num_workers=workers)
-        what = "images"
-    click.echo(f"added {added} {what}; {index_dir} now holds {len(g)} images of {len(g.names())} identities")
+        e, what = gallery.add(list(images), identity=identity), "images"
+    click.echo(f"added {e.added} {what}; {index_dir} now holds {e.size} images of {e.identities} identities")
 
 
 @main.command("search")
@@ -345,83 +411,67 @@ def index_add(index_dir, images, model, identity, embeddings, labels, batch_size
 @click.option("--threshold", type=float,
               help="Cosine below which the answer is `unknown` (default: the model's calibrated threshold, if any).")
 @click.option("--far", type=float, help="Use the model's threshold calibrated at this false accept rate.")
-@click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists visited per query (default 16).")
-@click.option("--ef-search", type=click.IntRange(min=1), help="HNSW candidates per query (default 64).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
+@click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists visited per query (default: the index's own).")
+@click.option("--ef-search", type=click.IntRange(min=1), help="HNSW candidates per query (default: the index's own).")
+@settings_options("batch_size", "workers")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def search_cmd(images, index_dir, model, top_k, threshold, far, nprobe, ef_search, batch_size, workers, as_json):
     """Identify each face in IMAGES (files or folders) against a gallery index."""
-    from facefuse.index.enroll import index_model_path, search_images
+    from facefuse import api
 
-    embedder = _embedder(model or index_model_path(index_dir))
-    results = search_images(images, index_dir, embedder, top_k=top_k, threshold=threshold, batch_size=batch_size,
-                            num_workers=workers, nprobe=nprobe, ef_search=ef_search, far=far)
-    if results and results[0].get("note"):
-        click.echo(f"warning: {results[0]['note']}", err=True)
+    gallery = api.open_gallery(index_dir, model)
+    gallery.batch_size, gallery.workers = batch_size, workers
+    results = gallery.search(list(images), top_k=top_k, threshold=threshold, far=far, nprobe=nprobe,
+                             ef_search=ef_search)
+    if results and results[0].note:
+        click.echo(f"warning: {results[0].note}", err=True)
     if as_json:
-        click.echo(json.dumps(results, indent=1))
+        click.echo(json.dumps([r.to_dict() for r in results], indent=1))
         return
     for r in results:
-        top = ", ".join(f"{m['identity']} {m['score']:.3f}" for m in r["matches"])
-        click.echo(f"{r['path']}\t{r['identity']}\t[{top}]")
+        top = ", ".join(f"{m.identity} {m.score:.3f}" for m in r.matches)
+        click.echo(f"{r.path}\t{r.identity}\t[{top}]")
 
 
 @main.command("verify")
 @click.argument("pairs", type=click.Path())
 @click.option("--model", required=True, type=click.Path(), help=MODEL_HELP)
 @click.option("--root", type=click.Path(), help="Folder the image paths are relative to (default: the pairs file's).")
-@click.option("--out", "out_csv", type=click.Path(), help="Write per-pair scores to this CSV (streamed).")
+@click.option("--out", type=click.Path(), help="Write per-pair scores to this CSV (streamed).")
 @click.option("--threshold", type=float, help="Cosine at or above which a pair is `same` (default: the model's "
               "calibrated threshold, else with labels the best-accuracy one).")
 @click.option("--far", type=float, help="Decide at the model's threshold calibrated at this false accept rate "
               "(default: the stored one nearest 1e-3).")
 @click.option("--plot", type=click.Path(), help="Draw the ROC curve to this image (png, pdf, svg...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-@click.option("--skip-missing", is_flag=True, help="Skip missing/unreadable images (and their pairs) with a count.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
-@click.option("--flip", is_flag=True, help="Flip test-time augmentation: e(image) + e(mirror).")
-@DETECT
-@CENTER
-def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_missing, batch_size, workers, flip,
-               detect, center):
+@settings_options("skip_missing", "batch_size", "workers", "flip", "align", "center")
+def verify_cmd(pairs, model, root, out, threshold, far, plot, as_json, **options):
     """Score every pair in PAIRS (LFW pairs.txt / pairsDev*.txt, or `path_a path_b [label]` lines).
 
     Progress goes to stderr on a terminal; the summary reports pairs/s."""
     from pathlib import Path
 
+    from facefuse import api
     from facefuse.core.pairs import read_pairs
-    from facefuse.index.verify import check_plot_path, plot_roc, verify_pairs, write_scores_csv
+    from facefuse.verification.roc import check_plot_path, plot_roc
+    from facefuse.verification.scoring import write_scores_csv
 
-    if plot:
-        check_plot_path(plot)
-    for opt, p in (("--out", out_csv), ("--plot", plot)):
+    for opt, p in (("--out", out), ("--plot", plot)):
         if p and Path(p).is_dir():
             raise FacefuseError(f"{opt} {p}: is a folder; give a file name")
+    if plot:
+        check_plot_path(plot)
     parsed = read_pairs(pairs, root=root)
     if plot and parsed.labels is None:
         raise FacefuseError(f"--plot needs labels, and {pairs} has none")
-    r = verify_pairs(parsed, _embedder(model, detect), batch_size=batch_size, num_workers=workers, flip_tta=flip,
-                     skip_missing=skip_missing, threshold=threshold, far=far, progress=True,
-                     model_name=Path(model).name, center=center)
+    report = api.load_model(model, settings_from(options)).verify_pairs(parsed, threshold=threshold, far=far,
+                                                                         progress=True)
+    r = report.result
     if plot:
         plot_roc(plot, r)
-    if out_csv:
-        write_scores_csv(out_csv, r, progress=True)
-    scored = int(r.scored.sum())
-    summary = {"pairs": len(r.pairs), "scored_pairs": scored, "images": r.n_images,
-               "skipped_images": r.n_skipped_images, "format": r.pairs.format, **(r.metrics or {})}
-    if r.threshold is not None:
-        dec = r.decisions()[r.scored]
-        summary.update(threshold=r.threshold, threshold_source=r.threshold_source, same=int(dec.sum()),
-                       different=int((1 - dec).sum()))
-    if r.rates is not None:
-        summary.update(threshold_tar=r.rates["tar"], threshold_far=r.rates["far"],
-                       threshold_accuracy=r.rates["accuracy"])
-    if r.note:
-        summary["note"] = r.note
-    summary.update(seconds=r.seconds, pairs_per_s=scored / r.seconds if r.seconds > 0 else None)
+    if out:
+        write_scores_csv(out, r, progress=True)
+    summary = report.to_dict()
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -430,7 +480,7 @@ def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_
             click.echo(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
     if r.threshold is None:
         click.echo(f"{'no labels, ' if r.pairs.labels is None else ''}no --threshold and no calibrated threshold "
-                   "in the model: scores only" + (f" (written to {out_csv})" if out_csv else ""))
+                   "in the model: scores only" + (f" (written to {out})" if out else ""))
 
 
 @main.command("calibrate")
@@ -444,35 +494,27 @@ def verify_cmd(pairs, model, root, out_csv, threshold, far, plot, as_json, skip_
 @click.option("--root", type=click.Path(), help="Folder a pairs file's image paths are relative to.")
 @click.option("--dry-run", is_flag=True, help="Compute and print the thresholds; do not write them into the model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored record as JSON.")
-@click.option("--skip-missing", is_flag=True, help="Skip missing/unreadable images (and their pairs) with a count.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding worker processes.")
-@click.option("--flip", is_flag=True, help="Flip test-time augmentation (use it at verify time too).")
-@DETECT
-@CENTER
-def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, skip_missing, batch_size, workers,
-                  flip, detect, center):
+@settings_options("skip_missing", "batch_size", "workers", "flip", "align", "center")
+def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, **options):
     """Calibrate decision thresholds at target false accept rates and store them in the model.
 
     SOURCE is a labelled pairs file (any format `verify` reads) or a folder with one sub-folder of
     images per identity (every genuine pair and a seeded sample of impostor pairs are formed)."""
-    from facefuse.index.calibrate import calibrate
+    from facefuse import api
 
-    rec = calibrate(source, model, fars=list(fars) or None, impostors=impostors, seed=seed, root=root,
-                    batch_size=batch_size, num_workers=workers, flip_tta=flip, skip_missing=skip_missing,
-                    progress=True, write=not dry_run, detect=detect, center=center)
+    settings = settings_from(options)
+    c = api.load_model(model, settings).calibrate(source, fars=list(fars) or None, impostors=impostors, seed=seed,
+                                                  root=root, write=not dry_run, progress=True)
     if as_json:
-        click.echo(json.dumps(rec))
+        click.echo(json.dumps(c.to_dict()))
         return
-    from facefuse.index.verify import describe_settings
-
-    prov = rec["provenance"]
-    click.echo(f"calibrated on {prov['source']} ({describe_settings(prov)}): {prov['genuine_pairs']} genuine, "
+    prov = c.provenance
+    click.echo(f"calibrated on {prov['source']} ({settings.describe()}): {prov['genuine_pairs']} genuine, "
                f"{prov['impostor_pairs']} impostor pairs ({prov['images']} images)")
-    for e in rec["at_far"]:
+    for e in c.at_far:
         click.echo(f"FAR {e['far']:<8g} threshold {e['threshold']:.6f}  TAR {e['tar']:.4f}  "
                    f"(realised FAR {e['realised_far']:.3g}, {e['accepted_impostors']} impostors accepted)")
-    best = rec["best_accuracy"]
+    best = c.best_accuracy
     click.echo(f"best accuracy {best['accuracy']:.4f} at threshold {best['threshold']:.6f}")
     click.echo("dry run: the model was not changed" if dry_run else f"stored in {model}")
 

@@ -49,7 +49,7 @@ def verification(embedder, a, b, labels, batch_size: int) -> dict:
 
     uniq = sorted(set(a) | set(b))
     index = {p: i for i, p in enumerate(uniq)}
-    emb, _ = embedder.embed_paths(uniq, batch_size=batch_size, num_workers=0, flip_tta=True)
+    emb, _ = embedder.embed_paths(uniq, batch_size=batch_size, workers=0, flip=True)
     scores = np.sum(emb[[index[p] for p in a]] * emb[[index[p] for p in b]], axis=1)
     m = verification_metrics(scores, labels.astype(np.int64), folds=np.zeros(len(scores), dtype=np.int64))  # one fold: split 10-way inside it, as lfw_protocol
     return {"accuracy": m["kfold_accuracy"], "accuracy_std": m["kfold_std"], "auc": m["roc_auc"],

@@ -97,7 +97,7 @@ def scale_run(n_pairs: int, n_images: int, dim: int, seed: int = 0) -> dict:
     from facefuse.core import metrics
     from facefuse.core.embed import l2_normalize
     from facefuse.core.pairs import read_pairs
-    from facefuse.index.verify import VerifyResult, pair_scores, write_scores_csv
+    from facefuse.verification.scoring import VerifyResult, pair_scores, write_scores_csv
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, n_images // 4, n_images)  # ~4 images per identity
@@ -185,7 +185,8 @@ def main(argv=None):
 
     from facefuse.export.runtime import load_embedder
     from facefuse.core.pairs import read_pairs
-    from facefuse.index.verify import verify_pairs
+    from facefuse.core.settings import EmbedSettings
+    from facefuse.verification.scoring import verify_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else random_model(args.backbone, args.runtime, Path(tmp))
@@ -194,7 +195,8 @@ def main(argv=None):
         n_images = len(pairs.unique_paths()[0])
         rate = model_throughput(embedder, args.batch_size, args.min_time)
         t0 = time.perf_counter()
-        result = verify_pairs(pairs, embedder, batch_size=args.batch_size, num_workers=args.workers)
+        settings = EmbedSettings(batch_size=args.batch_size, workers=args.workers)
+        result = verify_pairs(pairs, embedder, settings)
         verify_s = time.perf_counter() - t0
         cli_s = None
         if args.cli:

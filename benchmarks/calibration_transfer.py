@@ -54,13 +54,13 @@ def parse_args(argv):
 
 def identity_pairs(ids: np.ndarray, impostors: int, seed: int):
     """All genuine pairs and up to ``impostors`` sampled impostor pairs of images labelled ``ids``."""
-    from facefuse.index.calibrate import genuine_pairs, impostor_pairs
+    from facefuse.verification.calibrate import genuine_pairs, impostor_pairs
 
     return genuine_pairs(ids), impostor_pairs(ids, impostors, seed)
 
 
 def scores_of(emb: np.ndarray, pairs) -> tuple[np.ndarray, np.ndarray]:
-    from facefuse.index.verify import pair_scores
+    from facefuse.verification.scoring import pair_scores
 
     (ga, gb), (ia, ib) = pairs
     return pair_scores(emb, ga, gb), pair_scores(emb, ia, ib)
@@ -85,7 +85,7 @@ def transfer(emb: np.ndarray, ids: np.ndarray, *, fars=None, impostors: int = 1_
     """Rows of realised rates (see the module docstring) from embeddings ``emb`` (unit rows) labelled
     by identity ``ids``; ``official`` is ``(ia, ib, labels)`` of official pairs over the same rows.
     Also returns the pair counts of each calibration set."""
-    from facefuse.index.calibrate import thresholds_from_scores
+    from facefuse.verification.thresholds import thresholds_from_scores
 
     names = np.unique(ids)
     perm = np.random.default_rng(seed).permutation(names)
@@ -134,13 +134,14 @@ def fold_images(pairs_file: str, root: str, fold: int):
 def main(argv=None):
     args = parse_args(argv)
     from facefuse.export.runtime import load_embedder
-    from facefuse.index.verify import embed_images
+    from facefuse.core.settings import EmbedSettings
+    from facefuse.verification.scoring import embed_checked
 
     embedder = load_embedder(args.model)
     paths, ids, official = fold_images(args.pairs, args.root, args.fold)
     t0 = time.perf_counter()
-    emb, _ = embed_images(embedder, paths, batch_size=args.batch_size, num_workers=args.workers,
-                          flip_tta=args.flip, progress=True)
+    settings = EmbedSettings(flip=args.flip, batch_size=args.batch_size, workers=args.workers)
+    emb, _ = embed_checked(embedder, paths, settings, progress=True)
     embed_s = time.perf_counter() - t0
     rows, counts = transfer(emb, ids, fars=args.far, impostors=args.impostors, seed=args.seed, official=official)
     print_table(rows, COLUMNS)

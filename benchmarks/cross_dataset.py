@@ -93,7 +93,7 @@ def run_name(model: Path) -> str:
 
 def verification(emb, ids, seed):
     """Scores of every genuine pair and of as many seeded impostor pairs."""
-    from facefuse.index.calibrate import genuine_pairs, impostor_pairs
+    from facefuse.verification.calibrate import genuine_pairs, impostor_pairs
 
     genuine = genuine_pairs(ids)
     return scores_of(emb, (genuine, impostor_pairs(ids, genuine[0].size, seed)))
@@ -165,25 +165,26 @@ def plot_rocs(curves: dict, path: Path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     from facefuse.core.metrics import verification_metrics
-    from facefuse.core.facecrop import detect_rate, face_crop
+    from facefuse.core.facecrop import detect_rate
+    from facefuse.core.settings import EmbedSettings
     from facefuse.core.vectors import center_rows
-    from facefuse.export.runtime import load_embedder
-    from facefuse.index.calibrate import scan_identities, thresholds_from_scores
-    from facefuse.index.verify import embed_images
+    from facefuse.export.runtime import face_step, load_embedder
+    from facefuse.verification.calibrate import identity_indices, thresholds_from_scores
+    from facefuse.verification.scoring import embed_checked
 
     embedder = load_embedder(args.model)
-    crop = face_crop(args.detect)
+    settings = EmbedSettings(flip=args.flip, batch_size=args.batch_size, workers=args.workers, align=args.detect)
     lfw_paths, lfw_ids, _ = fold_images(args.pairs, args.lfw, args.fold)
     sets = {f"lfw-fold{args.fold}": (lfw_paths, lfw_ids)}
     for folder in args.extra:
-        paths, ids, _ = scan_identities(folder)
+        paths, ids, _ = identity_indices(folder)
         sets[Path(folder).name] = (paths, ids)
     rows, curves, threshold = [], {}, None
     t0 = time.perf_counter()
     for name, (paths, ids) in sets.items():
-        embedder.crop = crop if rows or args.detect_lfw else None  # LFW is aligned already: cropped on request
-        emb, _ = embed_images(embedder, paths, batch_size=args.batch_size, num_workers=args.workers,
-                              flip_tta=args.flip)
+        # LFW is aligned already: cropped on request
+        used = settings if rows or args.detect_lfw else settings.replace(align="none")
+        emb, _ = embed_checked(embedder, paths, used)
         if args.center:  # the set's own mean: no labels used
             emb = center_rows(emb, where=name)
         if threshold is None:  # the first set is the LFW fold: calibrate there
@@ -202,7 +203,8 @@ def main(argv=None):
                      "realised_far": float(np.mean(i >= threshold)), "realised_tar": float(np.mean(g >= threshold)),
                      "threshold_role": ("calibration set" + (", seen in training" if args.lfw_seen else "")
                                         if not rows else "transfer"),
-                     "faces_found": detect_rate(embedder.crop, paths)[0] if embedder.crop else None,
+                     "faces_found": (detect_rate(face_step(used.align), paths)[0] if used.align == "haar"
+                                     else None),
                      **identification(emb, ids, args.far)})
     print_table(rows, COLUMNS)
     plot_rocs(curves, args.plot)

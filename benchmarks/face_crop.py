@@ -31,7 +31,7 @@ def main(argv=None):
     from facefuse.core.facecrop import HaarFaceCrop
     from facefuse.core.folders import images_under
     from facefuse.core.paths import lfw_dir, shared_data_dir
-    from facefuse.index.calibrate import scan_identities
+    from facefuse.verification.calibrate import identity_indices
     from facefuse.core.images import open_rgb
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,7 +56,7 @@ def main(argv=None):
     rows = [{"set": f"lfw-112 (not fold {args.fold}, every {args.every}th)", "images": len(lfw),
              "found": int(len(found)), "rate": len(found) / len(lfw)}]
     for folder in args.extra:
-        paths, _, _ = scan_identities(folder)
+        paths, _, _ = identity_indices(folder)
         n = sum(crop.box(open_rgb(p)) is not None for p in paths)
         rows.append({"set": Path(folder).name, "images": len(paths), "found": n, "rate": n / len(paths)})
     print_table(rows, ["set", "images", "found", "rate"])

@@ -64,13 +64,13 @@ def evaluate(run_dir: Path, pairs_file: Path, fold: int, device: str) -> dict:
 
     from facefuse.core.metrics import verification_metrics
     from facefuse.trainer.checkpoint import load_embedding_model
-    from facefuse.trainer.evaluate import PairsValidator, embed_images
+    from facefuse.trainer.evaluate import PairsValidator, embed_training_model
 
     model, meta = load_embedding_model(run_dir, device)
     val = PairsValidator(str(pairs_file), None, fold)
     out = {}
     for flip in (False, True):
-        emb = embed_images(model, val.unique, image_size=meta.image_size, mean=meta.mean, std=meta.std,
+        emb = embed_training_model(model, val.unique, image_size=meta.image_size, mean=meta.mean, std=meta.std,
                           device=torch.device(device), autocast=contextlib.nullcontext, flip=flip)
         scores = val.scores(emb)
         m = verification_metrics(scores, val.labels, folds=val.folds)

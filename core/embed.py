@@ -19,32 +19,35 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import BadImageError, FacefuseError
 from .images import open_rgb
+from .settings import EmbedSettings
 from .vectors import l2_normalize  # noqa: F401  (part of this module's API)
 
 MAX_LISTED = 5  # bad images named in one error message
 IN_PROCESS_BELOW = 64  # fewer images are decoded in-process: starting workers would cost more
 
 
-def embed_batch_tta(embed_batch: Callable, x: torch.Tensor, flip_tta: bool) -> np.ndarray:
-    """Raw float32 embeddings of a batch, with ``e(x) + e(mirror(x))`` when ``flip_tta``."""
+def embed_batch_tta(embed_batch: Callable, x: torch.Tensor, flip: bool) -> np.ndarray:
+    """Raw float32 embeddings of a batch, with ``e(x) + e(mirror(x))`` when ``flip``."""
     e = _numpy(embed_batch(x))
-    if flip_tta:
+    if flip:
         e = e + _numpy(embed_batch(x.flip(-1)))
     return e
 
 
-def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, batch_size: int = 64,
-                num_workers: int | None = None, flip_tta: bool = False, skip_missing: bool = False,
+def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, settings: EmbedSettings = EmbedSettings(),
                 where: dict | None = None, progress: Callable[[int], object] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embed image files; decoding runs in ``num_workers`` DataLoader workers.
+    """Embed image files; decoding runs in ``settings.workers`` DataLoader workers, ``settings.batch_size``
+    images at a time, with ``settings.flip`` test-time augmentation (``transform`` already holds the
+    model's preprocessing and any face alignment).
 
     Returns ``(embeddings N x dim float32 L2-normalised, ok N bool)``; rows of failed images are zero.
     A missing or undecodable image raises :class:`FacefuseError` listing the first few (with
-    ``where[path]``, e.g. ``"pairs.txt:17"``, when given) unless ``skip_missing``. Missing files are
-    found before any decoding starts, so that error comes at once. ``progress(n)`` is called after
-    each batch with the number of images it embedded (e.g. a tqdm bar's ``update``).
+    ``where[path]``, e.g. ``"pairs.txt:17"``, when given) unless ``settings.skip_missing``. Missing
+    files are found before any decoding starts, so that error comes at once. ``progress(n)`` is called
+    after each batch with the number of images it embedded (e.g. a tqdm bar's ``update``).
     """
+    skip_missing = settings.skip_missing
     paths = [Path(p) for p in paths]
     errors = {i: f"{p}: {'is a folder, not an image' if p.is_dir() else 'no such file'}"
               for i, p in enumerate(paths) if not p.is_file()}
@@ -54,14 +57,14 @@ def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, batch_size
     rows: list[np.ndarray] = []
     done: list[int] = []
     if todo:
-        loader = DataLoader(_Images([paths[i] for i in todo], transform), batch_size=batch_size,
-                            num_workers=_workers(num_workers, len(todo)), collate_fn=_collate)
+        loader = DataLoader(_Images([paths[i] for i in todo], transform), batch_size=settings.batch_size,
+                            num_workers=_workers(settings.workers, len(todo)), collate_fn=_collate)
         for idx, x, bad in loader:
             errors.update((todo[j], msg) for j, msg in bad)
             if errors and not skip_missing:
                 break  # fail early: no point embedding the rest
             if x is not None:
-                rows.append(l2_normalize(embed_batch_tta(embed_batch, x, flip_tta)))
+                rows.append(l2_normalize(embed_batch_tta(embed_batch, x, settings.flip)))
                 done += [todo[j] for j in idx]
                 if progress is not None:
                     progress(len(idx))
@@ -81,10 +84,10 @@ def _numpy(e) -> np.ndarray:
     return np.asarray(e, dtype=np.float32)
 
 
-def _workers(num_workers: int | None, n: int) -> int:
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
-    return 0 if n < IN_PROCESS_BELOW else num_workers
+def _workers(workers: int | None, n: int) -> int:
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    return 0 if n < IN_PROCESS_BELOW else workers
 
 
 def _listing(errors: dict, paths, where, kind: str) -> str:
@@ -92,7 +95,7 @@ def _listing(errors: dict, paths, where, kind: str) -> str:
     items = [errors[i] + (f" ({(where or {}).get(paths[i])})" if (where or {}).get(paths[i]) else "") for i in first]
     more = f" and {len(errors) - len(first)} more" if len(errors) > len(first) else ""
     return (f"{len(errors)} {kind} image(s): " + "; ".join(items) + more
-            + " (pass --skip-missing to go on without them)")
+            + " (skip_missing=True goes on without them)")
 
 
 class _Images(Dataset):

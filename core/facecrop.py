@@ -1,4 +1,4 @@
-"""Face crop for photos that are not aligned to the 112 x 112 face template (``--detect haar``).
+"""Face crop for photos that are not aligned to the 112 x 112 face template (``align="haar"``).
 
 The models here are trained on template-aligned faces (LFW's aligned crops: eyes, nose and mouth
 at fixed places). A photo framed otherwise, a whole head with hair and background (ORL) or a
@@ -20,21 +20,20 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from facefuse.core.errors import FacefuseError
+from facefuse.core.errors import FacefuseError, ParameterError
 
 # The detector's box on template-aligned 112 x 112 LFW faces: centre x, centre y, side (pixels),
 # medians over the images of benchmarks/face_crop.py (results/face_crop-cpu2.json, "template_box");
 # tests/test_facecrop.py checks these equal that file.
 TEMPLATE_SIZE = 112
 TEMPLATE_BOX = (55.0, 61.0, 86.0)
-DETECTORS = ("none", "haar")
 
 
 def _cascade():
     try:
         import cv2
     except ImportError:
-        raise FacefuseError("--detect haar needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'") from None
+        raise ParameterError("align", "haar", "needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'") from None
     path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
     det = cv2.CascadeClassifier(path)
     if det.empty():
@@ -87,18 +86,6 @@ class HaarFaceCrop:
             return image
         left, top, right, bottom = (int(round(v)) for v in self.crop_box(face))
         return image.crop((left, top, right, bottom))  # outside the photo: black
-
-
-def face_crop(detect: str, min_face: float = 0.2):
-    """The crop step for ``--detect NAME``: None for ``none``."""
-    if detect not in DETECTORS:
-        raise FacefuseError(f"--detect {detect}: unknown; valid: {', '.join(DETECTORS)}")
-    return None if detect == "none" else HaarFaceCrop(min_face)
-
-
-def detect_name(crop) -> str:
-    """The ``--detect`` name of a crop step (:func:`face_crop`'s inverse): what records store."""
-    return "none" if crop is None else "haar"
 
 
 def detect_rate(crop: HaarFaceCrop, paths) -> tuple[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import FacefuseError
+from .errors import ParameterError
 
 
 def l2_normalize(x) -> np.ndarray:
@@ -31,7 +31,7 @@ def center_rows(x, ok=None, *, where: str = "these images") -> np.ndarray:
     x = l2_normalize(x)
     ok = np.ones(len(x), bool) if ok is None else np.asarray(ok, bool)
     if ok.sum() < CENTER_MIN_ROWS:
-        raise FacefuseError(f"--center: {where}: {int(ok.sum())} images embedded; centring needs at least "
+        raise ParameterError("center", True, f"{where}: {int(ok.sum())} images embedded; centring needs at least "
                             f"{CENTER_MIN_ROWS} (their mean is what the set's faces share)")
     x[ok] = l2_normalize(x[ok] - x[ok].mean(axis=0, dtype=np.float64).astype(np.float32))
     return x

@@ -6,14 +6,16 @@ rank's batches are the single-process run's batches and the rows are equal bit f
 ``EMB/paths.txt`` and ``EMB/labels.txt`` (one line per row) and ``EMB/manifest.json``::
 
     {"format": "facefuse-embeddings", "version": 1, "dim": D, "count": N_rows, "dtype": "float32",
-     "normalized": true, "flip_tta": false, "detect": "none", "world_size": N,
+     "normalized": true, "settings": {EmbedSettings.to_dict()}, "world_size": N,
      "model": {"fingerprint": ..., "backbone": ..., "embedding_dim": D, "path": ...},
      "shards": [{"file": "embeddings-00000-of-00002.npy", "start": 0, "rows": R0}, ...]}
 
 Rows are float32 and L2-normalised. Labels are the identity folder names (``DIR/<identity>/...``)
 or, for a list file (one image path per line, relative to the list's folder, optionally followed by
 a tab or space and the label), the label given or the image's folder name.
-:func:`load_embeddings` reads the folder back as ``(array, labels, paths)``.
+:func:`read_embed_folder` reads the folder back as ``(array, labels, paths)`` and
+:func:`embed_folder_settings` the settings its rows were made with (manifests written before the
+settings object kept ``flip_tta`` / ``detect`` loose; both are read).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facefuse.core.errors import FacefuseError
-from facefuse.core.facecrop import detect_name, face_crop
+from facefuse.core.errors import FacefuseError, ParameterError
+from facefuse.core.settings import EmbedSettings
 from facefuse.core.files import atomic_path, atomic_write_text
 from facefuse.core.folders import scan_identity_folder
 from facefuse.trainer import distributed
@@ -79,18 +81,19 @@ class Extraction:
     dim: int
 
 
-def extract_embeddings(source: str | Path, model: str | Path, out: str | Path, *, batch_size: int = 64,
-                       num_workers: int | None = None, flip_tta: bool = False, detect: str = "none") -> Extraction:
-    """Embed ``source`` (folder or list file) with ``model`` into the folder ``out`` (see the module
-    docstring); under torchrun each process embeds its part. ``out`` must not hold embeddings yet.
-    ``detect`` (``"haar"``) crops each image around its detected face first (:mod:`core.facecrop`)."""
+def extract_embeddings(source: str | Path, model: str | Path, out: str | Path,
+                       settings: EmbedSettings = EmbedSettings()) -> Extraction:
+    """Embed ``source`` (folder or list file) with ``model`` under ``settings`` into the folder ``out``
+    (see the module docstring); under torchrun each process embeds its part. ``out`` must not hold
+    embeddings yet. The manifest keeps ``settings``, so an index built from the folder embeds its
+    later adds and searches alike."""
     from facefuse.export.runtime import load_embedder
 
     out = Path(out)
     if (out / MANIFEST).exists():
-        raise FacefuseError(f"--out {out}: already holds embeddings ({MANIFEST}); choose another folder")
+        raise ParameterError("out", out, f"already holds embeddings ({MANIFEST}); choose another folder")
     if out.exists() and not out.is_dir():
-        raise FacefuseError(f"--out {out}: is a file, not a folder")
+        raise ParameterError("out", out, "is a file, not a folder")
     paths, labels = list_images(source)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = distributed.init(device)
@@ -98,34 +101,31 @@ def extract_embeddings(source: str | Path, model: str | Path, out: str | Path, *
         if device == "cuda":
             device = f"cuda:{info.local_rank}"
         embedder = load_embedder(model, device=device)
-        embedder.crop = face_crop(detect)
-        lo, hi = rank_rows(len(paths), batch_size, info.world_size, info.rank)
-        emb, _ = embedder.embed_paths(paths[lo:hi], batch_size=batch_size, num_workers=num_workers,
-                                      flip_tta=flip_tta)
+        lo, hi = rank_rows(len(paths), settings.batch_size, info.world_size, info.rank)
+        emb, _ = embedder.embed_paths(paths[lo:hi], settings)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / shard_file(info.rank, info.world_size)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, emb.astype(np.float32, copy=False))
         distributed.barrier(info)
         if info.is_main:
-            _write_manifest(out, paths, labels, info.world_size, batch_size, embedder, model, flip_tta)
+            _write_manifest(out, paths, labels, info.world_size, settings, embedder, model)
         distributed.barrier(info)
     finally:
         distributed.shutdown(info)
     return Extraction(out, info.rank, info.world_size, hi - lo, len(paths), embedder.dim)
 
 
-def _write_manifest(out: Path, paths, labels, world_size: int, batch_size: int, embedder, model, flip_tta) -> None:
+def _write_manifest(out: Path, paths, labels, world_size: int, settings: EmbedSettings, embedder, model) -> None:
     shards = []
     for r in range(world_size):
-        start, stop = rank_rows(len(paths), batch_size, world_size, r)
+        start, stop = rank_rows(len(paths), settings.batch_size, world_size, r)
         shards.append({"file": shard_file(r, world_size), "start": start, "rows": stop - start})
     dim = _check_shards(out, shards, embedder.dim)
     atomic_write_text(out / "paths.txt", "".join(f"{p}\n" for p in paths))
     atomic_write_text(out / "labels.txt", "".join(f"{label}\n" for label in labels))
     manifest = {"format": FORMAT, "version": VERSION, "dim": dim, "count": len(paths), "dtype": "float32",
-                "normalized": True, "flip_tta": flip_tta, "detect": detect_name(embedder.crop),
-                "world_size": world_size,
+                "normalized": True, "settings": settings.to_dict(), "world_size": world_size,
                 "model": {"fingerprint": embedder.fingerprint, "backbone": embedder.meta.backbone,
                           "embedding_dim": embedder.dim, "path": str(Path(model).resolve())},
                 "shards": shards}
@@ -148,29 +148,32 @@ def _check_shards(folder: Path, shards: list[dict], dim: int | None) -> int:
     return dim
 
 
-def made_with(folder: str | Path) -> dict:
-    """``{"flip_tta": bool, "detect": "none" | "haar"}`` an ``embed`` folder's rows were made with
-    (folders written before ``detect`` was recorded made none)."""
-    manifest = json.loads((Path(folder) / MANIFEST).read_text())
-    return {"flip_tta": bool(manifest.get("flip_tta", False)), "detect": manifest.get("detect", "none")}
+def embed_folder_settings(folder: str | Path) -> EmbedSettings:
+    """The settings an ``embed`` folder's rows were made with."""
+    return EmbedSettings.from_record(_manifest(Path(folder)))
 
 
-def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[str], list[str]]:
-    """``(N x D float32 array, labels, paths)`` of an ``embed`` output folder, in global order."""
-    folder = Path(folder)
+def _manifest(folder: Path) -> dict:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        raise FacefuseError(f"--embeddings {folder}: no {MANIFEST} (not a `facefuse embed` folder)") from None
+        raise ParameterError("embeddings", folder, f"no {MANIFEST} (not a `facefuse embed` folder)") from None
     except json.JSONDecodeError as exc:
-        raise FacefuseError(f"--embeddings {folder}: {MANIFEST} is not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise FacefuseError(f"--embeddings {folder}: {MANIFEST} is not a facefuse embeddings manifest")
+        raise ParameterError("embeddings", folder, f"{MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ParameterError("embeddings", folder, f"{MANIFEST} is not a facefuse embeddings manifest")
+    return manifest
+
+
+def read_embed_folder(folder: str | Path) -> tuple[np.ndarray, list[str], list[str]]:
+    """``(N x D float32 array, labels, paths)`` of an ``embed`` output folder, in global order."""
+    folder = Path(folder)
+    manifest = _manifest(folder)
     _check_shards(folder, manifest["shards"], manifest["dim"])
     emb = np.concatenate([np.load(folder / s["file"]) for s in manifest["shards"]]).astype(np.float32, copy=False)
     labels = (folder / "labels.txt").read_text().splitlines()
     paths = (folder / "paths.txt").read_text().splitlines()
     if not len(emb) == len(labels) == len(paths) == manifest["count"]:
-        raise FacefuseError(f"--embeddings {folder}: {len(emb)} rows, {len(labels)} labels, {len(paths)} paths; "
-                            f"the manifest says {manifest['count']}")
+        raise ParameterError("embeddings", folder, f"{len(emb)} rows, {len(labels)} labels, {len(paths)} paths; "
+                             f"the manifest says {manifest['count']}")
     return emb, labels, paths

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from facefuse.export.runtime import OnnxEmbedder, meta_to_props, onnx_providers
-from facefuse.core.errors import FacefuseError
+from facefuse.core.errors import FacefuseError, ParameterError
 from facefuse.core.files import atomic_path
 from facefuse.core.folders import images_under
 from facefuse.core.images import eval_transform, open_rgb
@@ -76,7 +76,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, fp16: bool = False, 
         raise ValueError(f"unknown exporter {exporter!r}; valid: {', '.join(EXPORTERS)}")
     out = Path(out)
     if out.is_dir():
-        raise FacefuseError(f"--onnx {out}: is a folder; give a file name like model.onnx")
+        raise ParameterError("out", out, "is a folder; give a file name like model.onnx")
     reference, meta = load_embedding_model(checkpoint, "cpu")
     reference.set_kernel_backend("torch")
     model, _ = load_embedding_model(checkpoint, "cpu")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from facefuse.core.embed import l2_normalize
-from facefuse.core.errors import BadImageError, FacefuseError
+from facefuse.core.errors import BadImageError, FacefuseError, ParameterError
 from facefuse.core.files import atomic_path
 from facefuse.core.folders import images_under
 from facefuse.core.images import open_rgb
@@ -64,10 +64,10 @@ def calibration_images(folder: str | Path, n: int) -> list[Path]:
     """Up to ``n`` image files under ``folder`` (sorted, at any depth), spread over the folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FacefuseError(f"--calib-images {folder}: no such folder")
+        raise ParameterError("calib_images", folder, "no such folder")
     found = images_under(folder)
     if not found:
-        raise FacefuseError(f"--calib-images {folder}: no images found")
+        raise ParameterError("calib_images", folder, "no images found")
     step = max(1, len(found) // n)
     return found[::step][:n]
 
@@ -80,7 +80,7 @@ def _decode(paths: list[Path], transform, folder) -> tuple[np.ndarray, int]:
         except BadImageError:
             skipped += 1
     if len(batch) < 2:
-        raise FacefuseError(f"--calib-images {folder}: {len(batch)} readable images of {len(paths)} (need at least 2)")
+        raise ParameterError("calib_images", folder, f"{len(batch)} readable images of {len(paths)} (need at least 2)")
     return np.stack(batch).astype(np.float32), skipped
 
 
@@ -97,30 +97,30 @@ class _Reader:
         return next(self.feeds, None)
 
 
-def quantize_int8(onnx_in: str | Path, out: str | Path, calib_folder: str | Path, *, n_images: int = 256,
+def quantize_int8(onnx_in: str | Path, out: str | Path, calib_images: str | Path, *, n_images: int = 256,
                   method: str = "percentile", ops=QUANTIZED_OPS, reduce_range: str | bool = "auto",
                   min_cosine: float = MIN_COSINE) -> QuantReport:
     """Quantize the float32 ONNX model ``onnx_in`` to INT8 (QDQ) at ``out``; see the module docstring."""
     from facefuse.export.runtime import OnnxEmbedder
 
     if method not in METHODS:
-        raise FacefuseError(f"--calib-method {method}: unknown; valid: {', '.join(METHODS)}")
+        raise ParameterError("method", method, f"unknown; valid: {', '.join(METHODS)}")
     fp32 = OnnxEmbedder(onnx_in)
     if fp32.input_dtype != np.float32 or fp32.meta_props.get("facefuse.dtype", "float32") != "float32":
         raise FacefuseError(f"{onnx_in}: quantize a float32 export (this one is {fp32.meta_props.get('facefuse.dtype')})")
-    x, skipped = _decode(calibration_images(calib_folder, n_images), fp32.transform(), calib_folder)
+    x, skipped = _decode(calibration_images(calib_images, n_images), fp32.transform(), calib_images)
     n_check = max(1, len(x) // 4)
     calib, check = x[:-n_check], x[-n_check:]
     rr = has_vnni() is False if reduce_range == "auto" else bool(reduce_range)
     out = Path(out)
     if out.is_dir():
-        raise FacefuseError(f"--out {out}: is a folder; give a file name like model-int8.onnx")
+        raise ParameterError("out", out, "is a folder; give a file name like model-int8.onnx")
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as work, quiet():
         _quantize(Path(onnx_in), Path(tmp), Path(work), _Reader(fp32.input_name, calib), method, tuple(ops), rr)
         _copy_metadata(fp32.meta_props, Path(tmp), {"dtype": "int8", "quantization": {
             "format": "QDQ", "weights": "int8 per-channel symmetric" + (" (7-bit range)" if rr else ""),
             "activations": "uint8 per-tensor", "method": method, "ops": list(ops),
-            "calibration_images": len(calib), "calibration_source": Path(calib_folder).name}})
+            "calibration_images": len(calib), "calibration_source": Path(calib_images).name}})
         cos = _cosines(fp32, OnnxEmbedder(tmp), check)
         if not cos.min() >= min_cosine:
             raise FacefuseError(f"INT8 check failed: embedding cosine with float32 min {cos.min():.4f} < {min_cosine} "

@@ -22,16 +22,18 @@ from facefuse.core.embed import embed_batch_tta, embed_paths, l2_normalize
 from facefuse.core.errors import FacefuseError
 from facefuse.core.images import eval_transform
 from facefuse.core.meta import ModelMeta
+from facefuse.core.settings import EmbedSettings
 
 META_PREFIX = "facefuse."
 
 
 class Embedder(ABC):
-    """Images in, L2-normalised embeddings out. ``meta`` describes the model and its inputs."""
+    """Images in, L2-normalised embeddings out. ``meta`` describes the model and its inputs; how the
+    images are read (alignment, flip, batching) is an :class:`~core.settings.EmbedSettings` passed to
+    each call, never state of the embedder."""
 
     meta: ModelMeta
     runtime: str  # "onnxruntime" or "pytorch"
-    crop = None  # a PIL -> PIL step before the resize: facefuse.core.facecrop (--detect haar), or None
 
     @abstractmethod
     def _run(self, x: torch.Tensor) -> np.ndarray:
@@ -45,33 +47,53 @@ class Embedder(ABC):
     def fingerprint(self) -> str:
         return self.meta.fingerprint
 
-    def transform(self):
-        """PIL RGB image -> model input tensor 3 x S x S (channel order applied)."""
+    def transform(self, settings: EmbedSettings = EmbedSettings()):
+        """PIL RGB image -> model input tensor 3 x S x S: the face alignment of ``settings.align``
+        (:func:`face_step`), then the model's resize and normalisation (channel order applied)."""
         base = eval_transform(self.meta.image_size, self.meta.mean, self.meta.std)
-        if self.crop is not None:
-            base = _Then(self.crop, base)
+        step = face_step(settings.align, self.meta.image_size)
+        if step is not None:
+            base = _Then(step, base)
         if self.meta.channel_order.upper() == "BGR":
-            return lambda im: base(im).flip(0)
+            return _Then(base, _flip_channels)
         return base
 
-    def embed_tensor(self, x, *, flip_tta: bool = False, normalize: bool = True) -> np.ndarray:
+    def embed_tensor(self, x, *, flip: bool = False, normalize: bool = True) -> np.ndarray:
         """Embed a preprocessed batch (B x 3 x S x S, any float dtype, numpy or torch).
 
-        With ``flip_tta`` the embedding is ``e(x) + e(mirror(x))``. ``normalize=False`` returns the
+        With ``flip`` the embedding is ``e(x) + e(mirror(x))``. ``normalize=False`` returns the
         raw model output (what export parity compares)."""
         x = torch.as_tensor(x).float()
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a B x 3 x H x W batch, got shape {tuple(x.shape)}")
-        e = embed_batch_tta(self._run, x, flip_tta)
+        e = embed_batch_tta(self._run, x, flip)
         return l2_normalize(e) if normalize else e
 
-    def embed_paths(self, paths, *, batch_size: int = 64, num_workers: int | None = None,
-                    flip_tta: bool = False, skip_missing: bool = False,
-                    where: dict | None = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
-        """Embed image files with this model: :func:`facefuse.core.embed.embed_paths`."""
-        return embed_paths(self._run, paths, self.transform(), dim=self.dim, batch_size=batch_size,
-                           num_workers=num_workers, flip_tta=flip_tta, skip_missing=skip_missing, where=where,
-                           progress=progress)
+    def embed_paths(self, paths, settings: EmbedSettings = EmbedSettings(), *, where: dict | None = None,
+                    progress=None, **changes) -> tuple[np.ndarray, np.ndarray]:
+        """Embed image files with this model under ``settings`` (``changes`` override its fields,
+        e.g. ``workers=0``): :func:`facefuse.core.embed.embed_paths`."""
+        settings = settings.replace(**changes)
+        return embed_paths(self._run, paths, self.transform(settings), dim=self.dim, settings=settings,
+                           where=where, progress=progress)
+
+
+def face_step(align: str, size: int = 112):
+    """The PIL -> PIL step that brings a photo's face to the template before the resize, for an
+    :class:`EmbedSettings` ``align``: None for ``none``."""
+    if align == "none":
+        return None
+    if align == "haar":
+        from facefuse.core.facecrop import HaarFaceCrop
+
+        return HaarFaceCrop()
+    from facefuse.align import LandmarkAlign
+
+    return LandmarkAlign(size=size)
+
+
+def _flip_channels(t: torch.Tensor) -> torch.Tensor:
+    return t.flip(0)
 
 
 class _Then:
@@ -201,11 +223,11 @@ class TorchEmbedder(Embedder):
 
     def __init__(self, path: str | Path, *, device: str | torch.device | None = None):
         from facefuse.trainer.checkpoint import load_embedding_model
-        from facefuse.trainer.ops import default_backend
+        from facefuse.trainer.ops import resolve_backend
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.meta = load_embedding_model(path, self.device)
-        self.model.set_kernel_backend(default_backend(self.device))
+        self.model.set_kernel_backend(resolve_backend("auto", self.device))
         self.path = Path(path)
 
     @torch.inference_mode()

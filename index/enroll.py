@@ -1,10 +1,12 @@
 """Image folders (or precomputed embeddings) in, gallery folders out: what ``facefuse index
 build|add`` and ``facefuse search`` do, as functions over an :class:`export.runtime.Embedder`.
+A gallery keeps the :class:`core.settings.EmbedSettings` its rows were made with; adds and searches
+embed alike.
 
-Precomputed embeddings (``--embeddings``) are a float ``.npy`` of shape ``(n, d)``, or a folder of
+Precomputed embeddings (``embeddings``) are a float ``.npy`` of shape ``(n, d)``, or a folder of
 such shards read in file-name order (name them so that order is right: ``part-00000.npy``, ...);
 they are memory-mapped, checked to be finite, and normalised and indexed in chunks. Their labels
-(``--labels``), one per row in the same order, are one of:
+(``labels``), one per row in the same order, are one of:
 
 ``.txt``   one identity per line (no image paths);
 ``.json``  a list of identities, or ``{"identities": [...], "paths": [...]}`` (paths optional);
@@ -16,13 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from facefuse.core.facecrop import detect_name, face_crop
-
 import numpy as np
 
+from facefuse.core.errors import FacefuseError, ParameterError
+from facefuse.core.settings import EmbedSettings, settings_mismatch
 from facefuse.index.gallery import (Gallery, build_gallery, check_model, identity_from_name, load_gallery,
                                     read_meta, save_gallery, scan_gallery, search_gallery, update_gallery)
-from facefuse.core.errors import FacefuseError
 
 
 def model_record(embedder, model_path: str | Path) -> dict:
@@ -31,19 +32,26 @@ def model_record(embedder, model_path: str | Path) -> dict:
             "backbone": embedder.meta.backbone, "path": str(Path(model_path).resolve())}
 
 
+def gallery_settings(meta: dict) -> EmbedSettings:
+    """The settings a gallery's rows were embedded with, so adds and searches embed alike: its
+    ``settings`` record, or the ``flip_tta`` / ``detect`` parameters of galleries written before it."""
+    if isinstance(meta.get("settings"), dict) and meta["settings"]:
+        return EmbedSettings.from_record({"settings": meta["settings"]})
+    return EmbedSettings.from_record(meta.get("params") or {})
+
+
 def build_index_folder(gallery_dir: str | Path, embedder, model_path: str | Path, out_dir: str | Path,
-                       *, kind: str = "auto", batch_size: int = 64, num_workers: int | None = None,
-                       flip_tta: bool = False, skip_missing: bool = False, **params) -> tuple[Gallery, int]:
-    """Embed every image of ``gallery_dir`` and write the index folder ``out_dir``.
-    Returns the gallery and the number of images skipped (only with ``skip_missing``)."""
+                       settings: EmbedSettings = EmbedSettings(), *, kind: str = "auto",
+                       **params) -> tuple[Gallery, int]:
+    """Embed every image of ``gallery_dir`` under ``settings`` and write the index folder ``out_dir``
+    (which keeps ``settings`` for later adds and searches). Returns the gallery and the number of
+    images skipped (only with ``settings.skip_missing``)."""
     paths, ids = scan_gallery(gallery_dir)
-    emb, ok = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers,
-                                   flip_tta=flip_tta, skip_missing=skip_missing)
+    emb, ok = embedder.embed_paths(paths, settings)
     keep = [i for i in range(len(paths)) if ok[i]]
     gallery = build_gallery(emb[keep], [ids[i] for i in keep], [paths[i] for i in keep],
                             model_record(embedder, model_path), kind, **params)
-    gallery.params["flip_tta"] = flip_tta
-    gallery.params["detect"] = detect_name(embedder.crop)  # later adds and searches crop alike
+    gallery.settings = settings.to_dict()
     save_gallery(gallery, out_dir)
     return gallery, len(paths) - len(keep)
 
@@ -68,8 +76,9 @@ def expand_images(items, option: str = "IMAGE") -> list[Path]:
 
 
 def add_to_index_folder(index_dir: str | Path, images, embedder, *, identity: str | None = None,
-                        batch_size: int = 64, num_workers: int | None = None) -> tuple[Gallery, int]:
-    """Enroll more images into an existing index folder without rebuilding it.
+                        batch_size: int | None = None, workers: int | None = None) -> tuple[Gallery, int]:
+    """Enroll more images into an existing index folder without rebuilding it, embedded with the
+    gallery's own settings (``batch_size`` / ``workers`` only change how the work is done).
 
     Folders among ``images`` follow the gallery layout (one sub-folder per identity, or files named
     ``<identity>_<anything>``); single files are named that way too, unless ``identity`` is given,
@@ -88,10 +97,9 @@ def add_to_index_folder(index_dir: str | Path, images, embedder, *, identity: st
         paths += ps
         ids += [identity] * len(ps) if identity else ns
     if not paths:
-        raise FacefuseError("no images to add")
-    embedder.crop = face_crop(meta.get("params", {}).get("detect", "none"))
-    emb, _ = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers,
-                                  flip_tta=bool(meta.get("params", {}).get("flip_tta")))
+        raise ParameterError("images", list(images), "no images to add")
+    settings = gallery_settings(meta).replace(batch_size=batch_size, workers=workers, skip_missing=False)
+    emb, _ = embedder.embed_paths(paths, settings)
     with update_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim) as gallery:
         gallery.add(emb, ids, paths)
     return gallery, len(paths)
@@ -140,7 +148,7 @@ def load_embeddings(path: str | Path, chunk: int = 65_536):
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and not p.name.startswith("."))
         if not files:
-            raise FacefuseError(f"--embeddings {path}: folder holds no .npy shards")
+            raise ParameterError("embeddings", path, "folder holds no .npy shards")
         arrays = [_load_npy(f) for f in files]
         for f, a in zip(files, arrays):
             if a.shape[1] != arrays[0].shape[1]:
@@ -148,7 +156,7 @@ def load_embeddings(path: str | Path, chunk: int = 65_536):
     elif path.is_file():
         files, arrays = [path], [_load_npy(path)]
     else:
-        raise FacefuseError(f"--embeddings {path}: no such file or folder")
+        raise ParameterError("embeddings", path, "no such file or folder")
     for f, a in zip(files, arrays):
         for s in range(0, len(a), chunk):
             bad = ~np.isfinite(a[s:s + chunk]).all(1)
@@ -162,7 +170,7 @@ def read_labels(path: str | Path, n: int, source: str | Path = "the embeddings")
     docstring; paths are ``""`` where the file gives none)."""
     path = Path(path)
     if not path.is_file():
-        raise FacefuseError(f"--labels {path}: no such file")
+        raise ParameterError("labels", path, "no such file")
     paths = None
     try:
         if path.suffix == ".npy":
@@ -185,90 +193,88 @@ def read_labels(path: str | Path, n: int, source: str | Path = "the embeddings")
             if empty:
                 raise ValueError(f"line {empty[0]} is empty (one identity per line)")
     except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise FacefuseError(f"--labels {path}: {str(exc).splitlines()[0]}") from None
+        raise ParameterError("labels", path, str(exc).splitlines()[0]) from None
     if len(ids) != n or (paths is not None and len(paths) != n):
         got = len(ids) if len(ids) != n else len(paths)
-        raise FacefuseError(f"--labels {path}: {got} labels/paths for {n} embedding rows in {source}")
+        raise ParameterError("labels", path, f"{got} labels/paths for {n} embedding rows in {source}")
     return ids, paths if paths is not None else [""] * n
 
 
 def _embeddings_and_labels(embeddings, labels):
-    """``(rows, identities, paths, settings)``: ``settings`` are the flip / detect options a `facefuse
-    embed` folder was made with (None for a bare array: unknown)."""
+    """``(rows, identities, paths, settings)``: ``settings`` are those a `facefuse embed` folder was
+    made with (None for a bare array: unknown)."""
     if labels is None:  # a `facefuse embed` output folder: shards in global order with its labels and paths
-        from facefuse.export.extract import load_embeddings as load_embed_folder
-        from facefuse.export.extract import made_with
+        from facefuse.export.extract import embed_folder_settings, read_embed_folder
 
-        x, ids, paths = load_embed_folder(embeddings)
-        return x, ids, paths, made_with(embeddings)
+        x, ids, paths = read_embed_folder(embeddings)
+        return x, ids, paths, embed_folder_settings(embeddings)
     x = load_embeddings(embeddings)
     ids, paths = read_labels(labels, len(x), embeddings)
     return x, ids, paths, None
 
 
-def build_index_folder_from_embeddings(embeddings: str | Path, labels: str | Path, out_dir: str | Path, *,
+def build_index_folder_from_embeddings(embeddings: str | Path, labels: str | Path | None, out_dir: str | Path, *,
                                        model: dict | None = None, kind: str = "auto", **params) -> Gallery:
-    """Index precomputed ``embeddings`` with their ``labels`` into ``out_dir`` (no images read).
-    ``model`` is the record of the model that made them (:func:`model_record`), if known."""
+    """Index precomputed ``embeddings`` with their ``labels`` into ``out_dir`` (no images read;
+    ``labels`` None: ``embeddings`` is a `facefuse embed` folder, which carries them). ``model`` is the
+    record of the model that made them (:func:`model_record`), if known."""
     x, ids, paths, settings = _embeddings_and_labels(embeddings, labels)
     if model is not None and model.get("embedding_dim") not in (None, x.shape[1]):
-        raise FacefuseError(f"--embeddings {embeddings}: {x.shape[1]}-d rows but the model makes "
-                            f"{model['embedding_dim']}-d embeddings")
+        raise ParameterError("embeddings", embeddings, f"{x.shape[1]}-d rows but the model makes "
+                             f"{model['embedding_dim']}-d embeddings")
     model = model or {"fingerprint": None, "embedding_dim": int(x.shape[1]), "backbone": None, "path": None}
     gallery = build_gallery(x, ids, paths, model, kind, **params)
-    if settings:  # image adds and searches embed as the gallery's rows were made
-        gallery.params.update(settings)
+    gallery.settings = (settings or EmbedSettings()).to_dict()  # image adds and searches embed as the rows were made
     save_gallery(gallery, out_dir)
     return gallery
 
 
 def add_embeddings_to_index_folder(index_dir: str | Path, embeddings: str | Path,
-                                   labels: str | Path) -> tuple[Gallery, int]:
+                                   labels: str | Path | None) -> tuple[Gallery, int]:
     """Enroll precomputed ``embeddings`` with their ``labels`` into an existing index folder."""
     index_dir = Path(index_dir)
     meta = read_meta(index_dir)
     x, ids, paths, settings = _embeddings_and_labels(embeddings, labels)
     if x.shape[1] != meta.get("dim"):
-        raise FacefuseError(f"--embeddings {embeddings}: {x.shape[1]}-d rows but {index_dir} holds "
-                            f"{meta.get('dim')}-d embeddings")
-    params = meta.get("params", {})
-    for key, default in (("flip_tta", False), ("detect", "none")):
-        if settings and key in params and settings[key] != params.get(key, default):
-            raise FacefuseError(f"--embeddings {embeddings}: made with {key} {settings[key]} but {index_dir} "
-                                f"embeds with {key} {params[key]}; embed again with the index's options")
+        raise ParameterError("embeddings", embeddings, f"{x.shape[1]}-d rows but {index_dir} holds "
+                             f"{meta.get('dim')}-d embeddings")
+    why = settings_mismatch(settings, gallery_settings(meta), uses=f"{index_dir} embeds with") if settings else None
+    if why:
+        raise ParameterError("embeddings", embeddings, f"{why}; embed again with the index's settings")
     with update_gallery(index_dir) as gallery:
         gallery.add(x, ids, paths)
     return gallery, len(x)
 
 
-def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5,
-                  threshold: float | None = None, batch_size: int = 64, num_workers: int | None = None,
-                  nprobe: int | None = None, ef_search: int | None = None, far: float | None = None) -> list[dict]:
-    """Identify each query image (folders expanded) against the gallery in one batched call.
-    Each result is :func:`index.gallery.search_gallery`'s dict plus the query ``path`` and the
-    ``threshold`` below which the answer is ``unknown``: ``threshold`` if given, else the model's
-    calibrated one (at ``far``; :func:`index.calibrate.stored_threshold`), else none. A calibrated
-    threshold made under other flip / detect settings than the index's adds a ``note`` to each."""
-    from facefuse.index.verify import calibration_mismatch, resolve_threshold
+def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5, threshold: float | None = None,
+                  far: float | None = None, nprobe: int | None = None, ef_search: int | None = None,
+                  batch_size: int | None = None, workers: int | None = None) -> list[dict]:
+    """Identify each query image (folders expanded) against the gallery in one batched call, the
+    queries embedded with the gallery's own settings. Each result is
+    :func:`index.gallery.search_gallery`'s dict plus the query ``path`` and the ``threshold`` below
+    which the answer is ``unknown``: ``threshold`` if given, else the model's calibrated one (at
+    ``far``; :func:`verification.thresholds.stored_threshold`), else none. A calibrated threshold
+    made under other settings than the index's adds a ``note`` to each."""
+    from facefuse.verification.thresholds import calibration_mismatch, resolve_threshold
 
     given = threshold is not None
     threshold, _ = resolve_threshold(embedder.meta, threshold, far, "the model")
     paths = expand_images(images)
     gallery = load_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
-    embedder.crop = face_crop(gallery.params.get("detect", "none"))
-    flip = bool(gallery.params.get("flip_tta"))
-    note = calibration_mismatch(embedder, flip) if threshold is not None and not given else None
-    emb, _ = embedder.embed_paths(paths, batch_size=batch_size, num_workers=num_workers, flip_tta=flip)
+    settings = gallery_settings({"settings": getattr(gallery, "settings", None), "params": gallery.params})
+    settings = settings.replace(batch_size=batch_size, workers=workers, skip_missing=False)
+    note = calibration_mismatch(embedder.meta, settings) if threshold is not None and not given else None
+    emb, _ = embedder.embed_paths(paths, settings)
     results = search_gallery(gallery, emb, top_k, threshold, nprobe=nprobe, ef_search=ef_search)
     return [{"path": str(p), **r, "threshold": threshold, **({"note": note} if note else {})}
             for p, r in zip(paths, results)]
 
 
 def index_model_path(index_dir: str | Path) -> Path:
-    """The model an index folder was built with (for ``search`` without ``--model``)."""
+    """The model an index folder was built with (for ``search`` without a model)."""
     path = read_meta(index_dir).get("model", {}).get("path")
     if not path:
-        raise FacefuseError(f"{index_dir}: built from embeddings without a model; pass --model")
+        raise FacefuseError(f"{index_dir}: built from embeddings without a model; pass model=")
     if not Path(path).exists():
-        raise FacefuseError(f"{index_dir}: the model it was built with ({path}) is not there; pass --model")
+        raise FacefuseError(f"{index_dir}: the model it was built with ({path}) is not there; pass model=")
     return Path(path)

@@ -15,7 +15,7 @@ from helpers import assert_one_line_error, make_model_file, run_cli, write_ident
 from facefuse.core import metrics
 from facefuse.core.errors import FacefuseError
 from facefuse.export.runtime import TorchEmbedder, load_embedder
-from facefuse.index import calibrate as cal
+from facefuse.verification import calibrate as cal
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,7 +126,7 @@ def faces(tmp_path_factory):
 
 
 def _embed(model, paths):
-    e, _ = TorchEmbedder(model, device="cpu").embed_paths(paths, num_workers=0)
+    e, _ = TorchEmbedder(model, device="cpu").embed_paths(paths, workers=0)
     return e
 
 

@@ -66,7 +66,7 @@ def faces(tmp_path_factory):
 
 
 def _hand_scores(model, paths, pairs):
-    emb, _ = TorchEmbedder(model, device="cpu").embed_paths(paths, num_workers=0)
+    emb, _ = TorchEmbedder(model, device="cpu").embed_paths(paths, workers=0)
     rows = emb.astype(np.float64).tolist()
     return np.array([_centred_cosine(rows, paths.index(a), paths.index(b)) for a, b in pairs])
 
@@ -97,15 +97,15 @@ def test_verify_and_calibrate_center_match_the_formula_and_record_it(faces, tmp_
     r = run_cli("calibrate", pairs_file, "--model", own, "--far", 0.1, "--center", "--json", "--workers", 0)
     assert r.exit_code == 0, r.output
     rec = json.loads(r.stdout)
-    assert rec["provenance"]["center"] is True
+    assert rec["provenance"]["settings"]["center"] is True
     hand = _hand_scores(model, used, impostor)
     (entry,) = rec["at_far"]
     top, k = np.sort(hand)[::-1], int(0.1 * hand.size)  # at most k impostors may reach the threshold
     assert top[k] - 1e-5 < entry["threshold"] <= top[k - 1] + 1e-5
     text = run_cli("calibrate", pairs_file, "--model", own, "--far", 0.1, "--center", "--dry-run", "--workers", 0)
-    assert text.exit_code == 0 and "calibrated on pairs.txt (flip off, detect none, centred):" in text.stdout
+    assert text.exit_code == 0 and "calibrated on pairs.txt (flip off, align none, centred):" in text.stdout
     plain = json.loads(run_cli("verify", pairs_file, "--model", own, "--json", "--workers", 0).stdout)
-    assert "calibrated with flip off, detect none, centred and this run uses flip off, detect none:" in plain["note"]
+    assert "calibrated with flip off, align none, centred; this run uses flip off, align none:" in plain["note"]
     centred = json.loads(run_cli("verify", pairs_file, "--model", own, "--json", "--workers", 0, "--center").stdout)
     assert "note" not in centred and centred["threshold"] == pytest.approx(entry["threshold"])
 

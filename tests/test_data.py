@@ -86,7 +86,7 @@ def test_verify_images_counts_and_relabels(faces):
     for p in (faces / "person_03").iterdir():
         p.write_bytes(b"garbage")
     images, _ = scan_identities(faces)
-    with pytest.raises(FacefuseError, match=r"img_00.jpg: not an image .* \(and 6 more\); pass --skip-bad"):
+    with pytest.raises(FacefuseError, match=r"img_00.jpg: not an image .* \(and 6 more\); pass data.skip_bad=True"):
         verify_images(images, skip_bad=False)
     kept, bad = verify_images(images, skip_bad=True)
     assert len(bad) == 7 and len(kept) == 17 and kept.classes == ["person_00", "person_01", "person_02"]

@@ -1,5 +1,5 @@
 """``facefuse embed``: one process and two torchrun (gloo) processes write the same rows, in the same
-order, with one manifest; ``load_embeddings`` reads the folder back; bad inputs are one-line errors."""
+order, with one manifest; ``read_embed_folder`` reads the folder back; bad inputs are one-line errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from helpers import make_model_file, run_cli, write_faces
 from facefuse.core.errors import FacefuseError
-from facefuse.export.extract import load_embeddings, rank_rows
+from facefuse.export.extract import read_embed_folder, rank_rows
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -40,7 +40,7 @@ def test_two_processes_write_the_one_process_rows(setup):
         r = _embed(n, faces, model, tmp / f"emb{n}")
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("embedded 15 images (dim 8)") == 1, r.stdout
-    one, two = load_embeddings(tmp / "emb1"), load_embeddings(tmp / "emb2")
+    one, two = read_embed_folder(tmp / "emb1"), read_embed_folder(tmp / "emb2")
     assert np.array_equal(one[0], two[0])  # the same batches on each rank: equal bit for bit
     assert one[1] == two[1] == [f"person_{i // 5:02d}" for i in range(15)]
     assert one[2] == two[2] == [str(faces / f"person_{i // 5:02d}" / f"img_{i % 5:02d}.jpg") for i in range(15)]
@@ -53,7 +53,7 @@ def test_two_processes_write_the_one_process_rows(setup):
 
     # the embedder's own rows (export.runtime) are the reference
     from facefuse.export.runtime import load_embedder
-    ref, _ = load_embedder(model).embed_paths(one[2], batch_size=4, num_workers=0)
+    ref, _ = load_embedder(model).embed_paths(one[2], batch_size=4, workers=0)
     np.testing.assert_allclose(one[0], ref, atol=1e-6)
 
     # bad inputs: an existing output folder is not overwritten; shards of different dimensions
@@ -64,7 +64,7 @@ def test_two_processes_write_the_one_process_rows(setup):
     np.save(tmp / "emb2" / "embeddings-00001-of-00002.npy", np.zeros((7, 9), np.float32))
     with pytest.raises(FacefuseError, match="embeddings-00001-of-00002.npy: embeddings of dimension 9, but the "
                                             "other shards have 8"):
-        load_embeddings(tmp / "emb2")
+        read_embed_folder(tmp / "emb2")
 
 
 def test_list_file_and_rows_per_rank(setup, tmp_path):
@@ -73,7 +73,7 @@ def test_list_file_and_rows_per_rank(setup, tmp_path):
     lst.write_text(f"{faces}/person_02/img_01.jpg\tbob\n# comment\n{faces}/person_00/img_03.jpg\n")
     r = run_cli("embed", lst, "--model", model, "--out", tmp_path / "emb", "--workers", 0)
     assert r.exit_code == 0, r.output
-    emb, labels, paths = load_embeddings(tmp_path / "emb")
+    emb, labels, paths = read_embed_folder(tmp_path / "emb")
     assert emb.shape == (2, 8) and labels == ["bob", "person_00"] and paths[0].endswith("person_02/img_01.jpg")
     for count, batch, world in ((15, 4, 2), (15, 4, 3), (3, 4, 3), (100, 7, 5)):
         parts = [rank_rows(count, batch, world, r) for r in range(world)]

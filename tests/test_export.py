@@ -116,7 +116,7 @@ def test_embed_paths_onnx_equals_torch_and_reference(exported, model_file, image
     ref, _ = _reference(model_file, images)
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     for emb in (OnnxEmbedder(exported[0]), TorchEmbedder(model_file, device="cpu")):
-        e, ok = emb.embed_paths(images, batch_size=3, num_workers=0)
+        e, ok = emb.embed_paths(images, batch_size=3, workers=0)
         assert ok.all() and e.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(e, ref, atol=1e-5)
@@ -126,8 +126,8 @@ def test_embed_paths_onnx_equals_torch_and_reference(exported, model_file, image
 def test_embed_paths_with_worker_processes(model_file, images):
     emb = TorchEmbedder(model_file, device="cpu")
     many = images * 10  # >= 64 paths: decoded in 2 DataLoader workers
-    a, ok = emb.embed_paths(many, batch_size=16, num_workers=2)
-    b, _ = emb.embed_paths(images, batch_size=16, num_workers=0)
+    a, ok = emb.embed_paths(many, batch_size=16, workers=2)
+    b, _ = emb.embed_paths(images, batch_size=16, workers=0)
     assert ok.all()
     np.testing.assert_allclose(a, np.tile(b, (10, 1)), atol=1e-6)
 
@@ -139,9 +139,9 @@ def test_flip_tta_is_sum_of_image_and_mirror(model_file, images):
         mirror = load_embedding_model(model_file)[0].double()(x.flip(-1)).numpy()
     want = ref + mirror
     want /= np.linalg.norm(want, axis=1, keepdims=True)
-    e, _ = TorchEmbedder(model_file, device="cpu").embed_paths(images, flip_tta=True, num_workers=0)
+    e, _ = TorchEmbedder(model_file, device="cpu").embed_paths(images, flip=True, workers=0)
     np.testing.assert_allclose(e, want, atol=1e-5)
-    plain, _ = TorchEmbedder(model_file, device="cpu").embed_paths(images, num_workers=0)
+    plain, _ = TorchEmbedder(model_file, device="cpu").embed_paths(images, workers=0)
     assert np.abs(e - plain).max() > 1e-3  # the flip really changes the result
 
 
@@ -152,7 +152,7 @@ def test_bgr_channel_order_is_applied(tmp_path, images):
     from facefuse.trainer.checkpoint import load_embedding_model
     with torch.no_grad():
         want = load_embedding_model(rgb)[0].double()(x.flip(1)).numpy()
-    e, _ = TorchEmbedder(bgr, device="cpu").embed_paths(images[:3], num_workers=0)
+    e, _ = TorchEmbedder(bgr, device="cpu").embed_paths(images[:3], workers=0)
     np.testing.assert_allclose(e, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
 
 
@@ -164,14 +164,14 @@ def test_missing_and_corrupt_images(tmp_path, model_file, images):
     paths = [images[0], *missing, bad, images[1]]
     where = {missing[0]: "pairs.txt:17"}
     with pytest.raises(FacefuseError, match=r"7 missing image\(s\): .*gone0.jpg: no such file \(pairs.txt:17\);"
-                                            r".* and 2 more \(pass --skip-missing"):
-        emb.embed_paths(paths, num_workers=0, where=where)
+                                            r".* and 2 more \(skip_missing=True goes on without them\)"):
+        emb.embed_paths(paths, workers=0, where=where)
     with pytest.raises(FacefuseError, match=r"1 unreadable image\(s\): .*bad.jpg: (not an image|corrupt)"):
-        emb.embed_paths([images[0], bad], num_workers=0)
-    e, ok = emb.embed_paths(paths, num_workers=0, skip_missing=True)
+        emb.embed_paths([images[0], bad], workers=0)
+    e, ok = emb.embed_paths(paths, workers=0, skip_missing=True)
     assert ok.tolist() == [True] + [False] * 8 + [True]
     assert np.all(e[~ok] == 0)
-    good, _ = emb.embed_paths([images[0], images[1]], num_workers=0)
+    good, _ = emb.embed_paths([images[0], images[1]], workers=0)
     np.testing.assert_allclose(e[ok], good, atol=1e-6)
 
 
@@ -238,9 +238,9 @@ def test_export_synthetic_when_no_images(monkeypatch, tmp_path, model_file):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_runtimes_match_cpu(exported, model_file, images):
-    cpu, _ = TorchEmbedder(model_file, device="cpu").embed_paths(images, num_workers=0)
-    gpu, _ = TorchEmbedder(model_file, device="cuda").embed_paths(images, num_workers=0)
-    ort_gpu, _ = OnnxEmbedder(exported[0]).embed_paths(images, num_workers=0)
+    cpu, _ = TorchEmbedder(model_file, device="cpu").embed_paths(images, workers=0)
+    gpu, _ = TorchEmbedder(model_file, device="cuda").embed_paths(images, workers=0)
+    ort_gpu, _ = OnnxEmbedder(exported[0]).embed_paths(images, workers=0)
     np.testing.assert_allclose(gpu, cpu, atol=2e-3)
     np.testing.assert_allclose(ort_gpu, cpu, atol=2e-3)
 

@@ -11,7 +11,9 @@ from PIL import Image
 pytest.importorskip("cv2")
 
 from facefuse.core.errors import FacefuseError  # noqa: E402
-from facefuse.core.facecrop import TEMPLATE_BOX, TEMPLATE_SIZE, HaarFaceCrop, face_crop  # noqa: E402
+from facefuse.core.facecrop import TEMPLATE_BOX, TEMPLATE_SIZE, HaarFaceCrop  # noqa: E402
+from facefuse.core.settings import EmbedSettings  # noqa: E402
+from facefuse.export.runtime import face_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "face_crop-cpu2.json"
 
@@ -35,9 +37,9 @@ def test_no_face_passes_the_image_on_and_bad_settings_are_refused():
     blank = Image.new("RGB", (90, 70), (128, 128, 128))
     crop = HaarFaceCrop()
     assert crop.box(blank) is None and crop(blank) is blank
-    with pytest.raises(FacefuseError, match="--detect sift: unknown; valid: none, haar"):
-        face_crop("sift")
-    assert face_crop("none") is None
+    with pytest.raises(FacefuseError, match="align=sift: unknown alignment; valid: none, haar, landmarks"):
+        EmbedSettings(align="sift")
+    assert face_step("none") is None and isinstance(face_step("haar"), HaarFaceCrop)
     with pytest.raises(ValueError, match="min_face"):
         HaarFaceCrop(min_face=0)
     clone = pickle.loads(pickle.dumps(crop))  # DataLoader workers: no OpenCV object crosses

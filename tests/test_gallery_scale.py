@@ -310,9 +310,9 @@ def test_cli_build_and_add_embeddings(tmp_path):
 
 
 def test_cli_help_lists_every_kind():
-    from facefuse.cli import KIND_NAMES
+    from facefuse.cli import _kind_names
 
-    assert KIND_NAMES.split(", ") == ["auto", *S.KINDS.names()]
+    assert _kind_names().split(", ") == ["auto", *S.KINDS.names()]
 
 
 @pytest.mark.parametrize("case,fragments", [

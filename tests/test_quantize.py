@@ -54,8 +54,8 @@ def test_int8_model_is_qdq_per_channel_and_close_to_float32(exported, tmp_path):
     assert json.loads(int8.meta_props["facefuse.quantization"])["calibration_images"] == 30
     # independent check of the reported cosine: embed every face with both models
     paths = sorted(faces.rglob("*.jpg"))
-    a, _ = fp32.embed_paths(paths, num_workers=0)
-    b, _ = int8.embed_paths(paths, num_workers=0)
+    a, _ = fp32.embed_paths(paths, workers=0)
+    b, _ = int8.embed_paths(paths, workers=0)
     cos = np.sum(a * b, axis=1)
     assert cos.min() > 0.97 and abs(np.sort(cos)[0] - r.min_cosine) < 0.05
 

@@ -165,9 +165,10 @@ def test_pk_sampler():
 
 def test_pk_errors_name_the_option():
     labels = [0, 0, 1, 1, 2, 2] + list(range(3, 20))  # 3 usable identities, 17 with one image
-    with pytest.raises(ValueError, match=r"--pk 4 2: P x K sampler needs >= 4 identities with 2\+ images, found 3"):
+    with pytest.raises(ValueError, match=r"data.pk_identities=4: the P x K sampler needs >= 4 identities with "
+                                         r"2\+ images, found 3"):
         PKBatchSampler(labels, 4, 2)
-    with pytest.raises(ValueError, match="--pk 3 3: P\\*K = 9 must be divisible by the 2 processes"):
+    with pytest.raises(ValueError, match="data.pk_identities=3: P x K = 3 x 3 = 9 must be divisible by the 2 processes"):
         PKBatchSampler(labels, 3, 3, world_size=2)
-    with pytest.raises(ValueError, match="--batch-size 9 must be divisible"):
+    with pytest.raises(ValueError, match="optim.batch_size=9: must be divisible"):
         RandomBatchSampler(labels, 9, world_size=2)

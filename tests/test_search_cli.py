@@ -11,6 +11,7 @@ from helpers import assert_one_line_error, make_model_file, run_cli, write_ident
 from PIL import Image
 
 from facefuse.export.runtime import TorchEmbedder
+from facefuse.index.gallery import load_gallery
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,8 +41,8 @@ def setup(tmp_path_factory):
 def _brute(model, gallery_paths, gallery_ids, queries, k):
     """Top-k distinct identities by max cosine, in numpy float64."""
     emb = TorchEmbedder(model, device="cpu")
-    g, _ = emb.embed_paths(gallery_paths, num_workers=0)
-    q, _ = emb.embed_paths(queries, num_workers=0)
+    g, _ = emb.embed_paths(gallery_paths, workers=0)
+    q, _ = emb.embed_paths(queries, workers=0)
     sims = q.astype(np.float64) @ g.astype(np.float64).T
     names = sorted(set(gallery_ids))
     ids = np.array(gallery_ids)
@@ -243,9 +244,9 @@ def test_detect_is_stored_in_the_index_and_used_by_search(setup, tmp_path, lfw):
     root, model, _ = setup
     gallery, queries, hand = _pasted_scenes(tmp_path, lfw)
     idx = tmp_path / "idx"
-    res = run("index", "build", gallery, "--model", model, "-o", idx, "--kind", "flat", "--detect", "haar")
+    res = run("index", "build", gallery, "--model", model, "-o", idx, "--kind", "flat", "--align", "haar")
     assert res.exit_code == 0, res.output
-    assert json.loads((idx / "meta.json").read_text())["params"]["detect"] == "haar"
+    assert load_gallery(idx).settings["align"] == "haar"
     out = run("search", *queries, "--index", idx, "--top-k", 3, "--json")
     assert out.exit_code == 0, out.output
     _assert_brute_force(out, model, hand, gallery, queries)
@@ -257,31 +258,31 @@ def test_detect_reaches_embed_the_embeddings_index_calibrate_and_verify(setup, t
     and records the crop, and `verify` without it is told the threshold may not hold."""
     import shutil
 
-    from facefuse.export.extract import load_embeddings
+    from facefuse.export.extract import read_embed_folder
 
     root, model, _ = setup
     gallery, queries, hand = _pasted_scenes(tmp_path, lfw)
     emb_dir = tmp_path / "emb"
     r = run("embed", gallery, "--model", model, "--out", emb_dir, "--workers", 0, "--detect", "haar")
     assert r.exit_code == 0, r.output
-    assert json.loads((emb_dir / "manifest.json").read_text())["detect"] == "haar"
-    rows, _, paths = load_embeddings(emb_dir)
+    assert json.loads((emb_dir / "manifest.json").read_text())["settings"]["align"] == "haar"
+    rows, _, paths = read_embed_folder(emb_dir)
     np.testing.assert_allclose(rows, _hand_embed(model, hand, [Path(p) for p in paths]), atol=1e-5)
 
     idx = tmp_path / "idx"
     r = run("index", "build", "--embeddings", emb_dir, "--model", model, "-o", idx, "--kind", "flat")
     assert r.exit_code == 0, r.output
-    params = json.loads((idx / "meta.json").read_text())["params"]
-    assert params["detect"] == "haar" and params["flip_tta"] is False
+    stored = load_gallery(idx).settings
+    assert stored["align"] == "haar" and stored["flip"] is False
     out = run("search", *queries, "--index", idx, "--top-k", 3, "--json")
     assert out.exit_code == 0, out.output
     _assert_brute_force(out, model, hand, gallery, queries)
     # --detect beside made embeddings is refused; rows made without the crop cannot join this index
     assert_one_line_error(run("index", "build", "--embeddings", emb_dir, "--model", model, "-o", tmp_path / "x",
-                              "--detect", "haar"), "--detect: --embeddings are already made")
+                              "--align", "haar"), "--align: --embeddings are already made")
     assert run("embed", gallery, "--model", model, "--out", tmp_path / "plain", "--workers", 0).exit_code == 0
     assert_one_line_error(run("index", "add", idx, "--embeddings", tmp_path / "plain"),
-                          "made with detect none but")
+                          "made with flip off, align none; " f"{idx} embeds with flip off, align haar")
 
     # calibrate on every pair of the six scenes: 3 genuine, 12 impostor
     scenes = sorted(hand)
@@ -293,7 +294,7 @@ def test_detect_reaches_embed_the_embeddings_index_calibrate_and_verify(setup, t
     r = run("calibrate", pairs, "--model", own, "--far", 0.9, "--detect", "haar", "--json", "--workers", 0)
     assert r.exit_code == 0, r.output
     rec = json.loads(r.stdout)
-    assert rec["provenance"]["detect"] == "haar" and rec["provenance"]["flip_tta"] is False
+    assert rec["provenance"]["settings"]["align"] == "haar" and rec["provenance"]["settings"]["flip"] is False
     e = _hand_embed(model, hand, scenes)
     sims = e @ e.T
     same = np.array([[a.stem[:-2] == b.stem[:-2] for b in scenes] for a in scenes])
@@ -304,7 +305,7 @@ def test_detect_reaches_embed_the_embeddings_index_calibrate_and_verify(setup, t
     assert impostor[1] - 1e-5 < entry["threshold"] <= impostor[2] + 1e-5
     assert entry["tar"] == pytest.approx(np.mean(genuine >= entry["threshold"]))
     plain = json.loads(run("verify", pairs, "--model", own, "--json", "--workers", 0).stdout)
-    assert "calibrated with flip off, detect haar and this run uses flip off, detect none" in plain["note"]
+    assert "calibrated with flip off, align haar; this run uses flip off, align none" in plain["note"]
     cropped = json.loads(run("verify", pairs, "--model", own, "--json", "--workers", 0, "--detect", "haar").stdout)
     assert "note" not in cropped and cropped["threshold"] == pytest.approx(entry["threshold"])
     # search decides at that threshold too: an index without the crop is told, the cropping one is not
@@ -312,5 +313,5 @@ def test_detect_reaches_embed_the_embeddings_index_calibrate_and_verify(setup, t
     assert all("note" not in h and h["threshold"] == pytest.approx(entry["threshold"]) for h in hits)
     assert run("index", "build", gallery, "--model", own, "-o", tmp_path / "uncropped", "--kind", "flat").exit_code == 0
     warned = run("search", *queries, "--index", tmp_path / "uncropped", "--json")
-    assert "warning: the stored threshold was calibrated with flip off, detect haar" in warned.stderr
-    assert all("detect none" in h["note"] for h in json.loads(warned.stdout))
+    assert "warning: the stored threshold was calibrated with flip off, align haar" in warned.stderr
+    assert all("align none" in h["note"] for h in json.loads(warned.stdout))

@@ -46,8 +46,8 @@ def data(tmp_path_factory):
 
 def _independent_scores(model, pa, pb):
     emb = TorchEmbedder(model, device="cpu")
-    ea, _ = emb.embed_paths(pa, num_workers=0)
-    eb, _ = emb.embed_paths(pb, num_workers=0)
+    ea, _ = emb.embed_paths(pa, workers=0)
+    eb, _ = emb.embed_paths(pb, workers=0)
     return np.sum(ea.astype(np.float64) * eb, 1)
 
 
@@ -237,7 +237,7 @@ def test_one_class_labels_still_score_and_report_the_rate_they_can(data, tmp_pat
 
 def test_csv_is_streamed_in_chunks(data, tmp_path, monkeypatch):
     """Scores and CSV rows computed chunk by chunk equal the one-shot computation."""
-    from facefuse.index import verify as v
+    from facefuse.verification import scoring as v
 
     root, model, ids, same, diff = data
     rows = [(a, b, 1) for a, b in same] + [(a, b, 0) for a, b in diff]

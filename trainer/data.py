@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from facefuse.core.errors import BadImageError, FacefuseError
+from facefuse.core.errors import BadImageError, FacefuseError, ParameterError
 from facefuse.core.images import IGNORED_NAMES, IMAGE_EXTENSIONS, eval_transform, open_rgb  # noqa: F401
 
 @dataclass
@@ -29,10 +29,10 @@ class ImageList:
         return len(self.paths)
 
 
-def read_identity_list(path: str | Path, option: str = "--exclude-identities") -> set[str]:
+def read_identity_list(path: str | Path, param: str = "data.exclude_identities") -> set[str]:
     path = Path(path)
     if not path.is_file():
-        raise FacefuseError(f"{option} {path}: no such file")
+        raise ParameterError(param, path, "no such file")
     names = set()
     for line in path.read_text().splitlines():
         name = line.strip()
@@ -46,12 +46,12 @@ def scan_identities(root: str | Path, *, exclude: set[str] = frozenset(), min_im
     """Walk ``root/<identity>/<image>``. Returns the image list and the problems skipped."""
     root = Path(root)
     if not str(root) or not root.exists():
-        raise FacefuseError(f"--data {root}: no such folder")
+        raise ParameterError("data.root", root, "no such folder")
     if not root.is_dir():
-        raise FacefuseError(f"--data {root}: not a folder")
+        raise ParameterError("data.root", root, "not a folder")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise FacefuseError(f"--data {root}: no identity sub-folders (expected one folder of images per identity)")
+        raise ParameterError("data.root", root, "no identity sub-folders (expected one folder of images per identity)")
     skipped: list[str] = []
     out = ImageList()
     for folder in folders:
@@ -64,13 +64,13 @@ def scan_identities(root: str | Path, *, exclude: set[str] = frozenset(), min_im
             if f.suffix.lower() not in IMAGE_EXTENSIONS:
                 if not skip_bad:
                     raise FacefuseError(f"{f}: not an image file (extension {f.suffix or 'none'}); "
-                                        "remove it or pass --skip-bad")
+                                        "remove it or pass data.skip_bad=True")
                 skipped.append(f"{f}: not an image file")
                 continue
             images.append(str(f))
         if not images:
             if not skip_bad:
-                raise FacefuseError(f"{folder}: identity folder without images; remove it or pass --skip-bad")
+                raise FacefuseError(f"{folder}: identity folder without images; remove it or pass data.skip_bad=True")
             skipped.append(f"{folder}: no images")
             continue
         if len(images) < min_images:
@@ -80,9 +80,9 @@ def scan_identities(root: str | Path, *, exclude: set[str] = frozenset(), min_im
         out.paths.extend(images)
         out.labels.extend([label] * len(images))
     if not out.paths:
-        raise FacefuseError(f"--data {root}: no images left after exclusions and --min-images {min_images}")
+        raise ParameterError("data.root", root, f"no images left after exclusions and data.min_images={min_images}")
     if len(out.classes) < 2:
-        raise FacefuseError(f"--data {root}: need at least 2 identities to train a classifier, found "
+        raise ParameterError("data.root", root, f"need at least 2 identities to train a classifier, found "
                             f"{len(out.classes)}")
     return out, skipped
 
@@ -102,7 +102,7 @@ def verify_images(images: ImageList, *, skip_bad: bool, threads: int = 4) -> tup
     bad = [p for p in problems if p]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise FacefuseError(f"{bad[0]}{more}; pass --skip-bad to skip bad images")
+        raise FacefuseError(f"{bad[0]}{more}; pass data.skip_bad=True to skip bad images")
     if not bad:
         return images, []
     keep = [i for i, p in enumerate(problems) if p is None]

@@ -25,11 +25,11 @@ from facefuse.trainer.augment import BatchMixer, build_train_transform
 from facefuse.trainer.config import TrainConfig, save_config
 from facefuse.trainer.data import (FaceDataset, ImageList, eval_transform, read_identity_list, scan_identities,
                           split_holdout, verify_images)
-from facefuse.core.errors import FacefuseError
+from facefuse.core.errors import FacefuseError, ParameterError
 from facefuse.trainer.evaluate import PairsValidator, classification_accuracy
 from facefuse.core.files import append_line, atomic_write_text
 from facefuse.trainer.model import build_face_model, count_parameters
-from facefuse.trainer.ops import default_backend
+from facefuse.trainer.ops import resolve_backend
 from facefuse.trainer.optim import build_ema, build_optimizer, lr_factor, set_lr
 from facefuse.trainer.sampler import PKBatchSampler, RandomBatchSampler
 from facefuse.trainer import sharded_state
@@ -91,7 +91,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FacefuseError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        raise ParameterError("device", name, "CUDA is not available on this machine (use device=cpu)")
     return torch.device(name)
 
 
@@ -102,7 +102,7 @@ def _autocast_factory(device: torch.device, amp: str):
         return contextlib.nullcontext, None
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     if device.type == "cpu" and amp == "fp16":
-        raise FacefuseError("--amp fp16: not supported on CPU (use bf16 or none)")
+        raise ParameterError("optim.amp", "fp16", "not supported on CPU (use bf16 or none)")
     return (lambda: torch.autocast(device.type, dtype=dtype)), amp
 
 
@@ -110,7 +110,7 @@ def prepare_data(cfg: TrainConfig, log) -> tuple[ImageList, ImageList, list[str]
     exclude = read_identity_list(cfg.data.exclude_identities) if cfg.data.exclude_identities else set()
     if cfg.data.val_pairs_disjoint:
         if not cfg.data.val_pairs:
-            raise FacefuseError("--val-pairs-disjoint needs --val-pairs")
+            raise ParameterError("data.val_pairs_disjoint", True, "needs data.val_pairs=")
         exclude |= PairsValidator(cfg.data.val_pairs, cfg.data.val_pairs_root, cfg.data.val_pairs_fold).identities()
     images, skipped = scan_identities(cfg.data.root, exclude=exclude, min_images=cfg.data.min_images,
                                       skip_bad=cfg.data.skip_bad)
@@ -147,24 +147,23 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         last = self.out / "checkpoints" / "last.pt"
         if self.resume and not last.is_file():
-            raise FacefuseError(f"--resume: {last} not found (nothing to resume in --out {self.out})")
+            raise ParameterError("resume", True, f"{last} not found (nothing to resume in out={self.out})")
         if not self.resume and last.is_file():
-            raise FacefuseError(f"--out {self.out} already holds a run; pass --resume to continue it or choose "
-                                "another --out")
-        if cfg.model.kernels == "auto":
-            cfg.model.kernels = default_backend(self.device)
+            raise ParameterError("out", self.out, "already holds a run; pass resume=True to continue it or choose "
+                                "another out=")
+        cfg.model.kernels = resolve_backend(cfg.model.kernels, self.device)
         if cfg.model.kernels == "triton" and self.device.type != "cuda":
             from facefuse.kernels._common import INTERPRETING
 
             if not INTERPRETING:
-                raise FacefuseError("--kernels triton needs --device cuda (or TRITON_INTERPRET=1 to interpret "
-                                    "the kernels on CPU, slowly); use --kernels torch")
+                raise ParameterError("model.kernels", "triton", "needs device=cuda (or TRITON_INTERPRET=1 to interpret "
+                                     "the kernels on CPU, slowly); use model.kernels=torch")
         self.sharded = cfg.loss.head_parallel
         if self.resume:
             self._check_resume_world(last)
         if self.sharded and not self.dist.enabled:
-            raise FacefuseError("--head-parallel: needs 2+ processes (torchrun --nproc_per_node N ...); "
-                                "this run has 1")
+            raise ParameterError("loss.head_parallel", True, "needs 2+ processes (torchrun --nproc_per_node N ...); "
+                                 "this run has 1")
         torch.manual_seed(cfg.seed)
         self.train_set, self.val_set, self.skipped = prepare_data(cfg, self.log)
         self.classes = self.train_set.classes
@@ -236,7 +235,7 @@ class Trainer:
         try:
             self.face_model.embedder.load_state_dict(state)
         except RuntimeError as exc:
-            raise FacefuseError(f"--init-from {path}: weights do not fit --backbone {self.cfg.model.backbone} "
+            raise ParameterError("init_from", path, f"weights do not fit model.backbone={self.cfg.model.backbone} "
                                 f"({str(exc).splitlines()[0][:120]})") from None
         self.log(f"initialised the embedder from {path}")
 
@@ -280,17 +279,17 @@ class Trainer:
         """A sharded head resumes at the world size it was saved with (checked before anything else)."""
         saved = (ckpt.load(path).get("head_parallel") or {}).get("world_size")
         if saved is not None and not self.sharded:
-            raise FacefuseError(f"--resume: {path} holds a sharded head (--head-parallel); resume with it on")
+            raise ParameterError("resume", True, f"{path} holds a sharded head (loss.head_parallel=True); resume with it on")
         if self.sharded and saved is None:
-            raise FacefuseError(f"--head-parallel: {path} holds a replicated head; resume without it")
+            raise ParameterError("loss.head_parallel", True, f"{path} holds a replicated head; resume without it")
         if saved is not None and saved != self.dist.world_size:
-            raise FacefuseError(f"--resume: the run's sharded head was saved by {saved} processes; resume it with "
+            raise ParameterError("resume", True, f"the run's sharded head was saved by {saved} processes; resume it with "
                                 f"torchrun --nproc_per_node {saved} (this run has {self.dist.world_size})")
 
     def _load(self, path: Path) -> None:
         payload = ckpt.load(path)
         if payload.get("classes") != self.classes:
-            raise FacefuseError(f"--resume: the identities in --data {self.cfg.data.root} differ from the run's "
+            raise ParameterError("resume", True, f"the identities in data.root={self.cfg.data.root} differ from the run's "
                                 f"({len(self.classes)} vs {len(payload.get('classes') or [])})")
         rng = payload["rng"]
         if self.sharded:
@@ -340,7 +339,7 @@ class Trainer:
         loss = out.loss
         if not torch.isfinite(loss):
             raise FacefuseError(f"loss became {float(loss.detach())} at epoch {self.state.epoch + 1}, step {self.state.step}: "
-                                "lower --lr, raise --warmup or keep --grad-clip on")
+                                "lower optim.lr=, raise optim.warmup_epochs= or keep optim.grad_clip= on")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()

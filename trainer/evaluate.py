@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from facefuse.core.embed import embed_paths
-from facefuse.core.errors import FacefuseError
+from facefuse.core.settings import EmbedSettings
+from facefuse.core.errors import FacefuseError, ParameterError
 from facefuse.core.images import eval_transform
 from facefuse.core.metrics import verification_metrics
 from facefuse.core.pairs import read_pairs
@@ -31,7 +32,7 @@ def classification_accuracy(face_model, loader, device, autocast) -> float | Non
     return correct / max(1, total)
 
 
-def embed_images(embedder, paths: list, *, image_size: int, mean, std, device, autocast, batch_size: int = 128,
+def embed_training_model(embedder, paths: list, *, image_size: int, mean, std, device, autocast, batch_size: int = 128,
                  num_workers: int = 0, flip: bool = False) -> np.ndarray:
     """L2-normalised float32 embeddings (N x D) of the images at ``paths`` by a model in training
     (on ``device``, under ``autocast``), through the one :func:`facefuse.core.embed.embed_paths`."""
@@ -42,8 +43,9 @@ def embed_images(embedder, paths: list, *, image_size: int, mean, std, device, a
         with autocast():
             return embedder.embed(x.to(device, non_blocking=True)).float()
 
+    settings = EmbedSettings(flip=flip, batch_size=batch_size, workers=num_workers)
     emb, _ = embed_paths(run, paths, eval_transform(image_size, mean, std), dim=embedder.embedding_dim,
-                         batch_size=batch_size, num_workers=num_workers, flip_tta=flip)
+                         settings=settings)
     return emb
 
 
@@ -53,11 +55,11 @@ class PairsValidator:
     def __init__(self, pairs_file: str, root: str | None, fold: int | None):
         pairs = read_pairs(pairs_file, root=root)
         if pairs.labels is None:
-            raise FacefuseError(f"--val-pairs {pairs_file}: validation pairs need same/different labels")
+            raise ParameterError("data.val_pairs", pairs_file, "validation pairs need same/different labels")
         keep = np.ones(len(pairs), bool)
         if fold is not None:
             if pairs.folds is None or fold not in set(pairs.folds.tolist()):
-                raise FacefuseError(f"--val-pairs-fold {fold}: {pairs_file} has no such fold")
+                raise ParameterError("data.val_pairs_fold", fold, f"{pairs_file} has no such fold")
             keep = pairs.folds == fold
         self.paths_a = [p for p, k in zip(pairs.paths_a, keep) if k]
         self.paths_b = [p for p, k in zip(pairs.paths_b, keep) if k]
@@ -68,8 +70,8 @@ class PairsValidator:
             index.setdefault(p, len(index))
         missing = [str(p) for p in index if not Path(p).is_file()]
         if missing:
-            raise FacefuseError(f"--val-pairs {pairs_file}: {len(missing)} images not found, e.g. {missing[0]} "
-                                "(set --val-pairs-root)")
+            raise ParameterError("data.val_pairs", pairs_file, f"{len(missing)} images not found, e.g. {missing[0]} "
+                                 "(set data.val_pairs_root=)")
         self.unique = list(index)
         self.ia = np.array([index[p] for p in self.paths_a])
         self.ib = np.array([index[p] for p in self.paths_b])
@@ -82,7 +84,7 @@ class PairsValidator:
         return np.sum(emb[self.ia] * emb[self.ib], axis=1)
 
     def evaluate(self, embedder, **embed_kw) -> dict:
-        emb = embed_images(embedder, self.unique, **embed_kw)
+        emb = embed_training_model(embedder, self.unique, **embed_kw)
         s = self.scores(emb)
         if not np.all(np.isfinite(s)):
             return {"n_pairs": int(len(s)), "error": "non-finite scores"}

@@ -12,7 +12,7 @@ from facefuse.trainer.backbones import build_backbone
 from facefuse.trainer.config import LossConfig, ModelConfig
 from facefuse.core.registry import Registry
 from facefuse.trainer.distributed import gather_labels, gather_rows
-from facefuse.trainer.ops import check_backend
+from facefuse.trainer.ops import check_backend, resolve_backend
 
 NECKS = Registry("neck")
 
@@ -68,7 +68,7 @@ class EmbeddingModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         make_neck = NECKS.get(cfg.neck)
-        backend = "torch" if cfg.kernels == "auto" else cfg.kernels
+        backend = resolve_backend(cfg.kernels)
         self.backbone = build_backbone(cfg.backbone, width=cfg.width, drop_path=cfg.drop_path,
                                        kernel_backend=backend)
         side = _output_side(cfg.image_size, self.backbone)
@@ -165,7 +165,7 @@ def build_face_model(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: 
     from facefuse.trainer.sharded_head import ShardedMarginHead
 
     embedder = build_model(model_cfg, num_classes)
-    backend = "torch" if model_cfg.kernels == "auto" else model_cfg.kernels
+    backend = resolve_backend(model_cfg.kernels)
     name = loss_cfg.name
     if name not in HEADS and name not in PAIR_LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(HEADS.names() + PAIR_LOSSES.names())}")

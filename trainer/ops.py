@@ -17,6 +17,15 @@ def default_backend(device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
+def resolve_backend(kernels: str, device: torch.device | str | None = None) -> str:
+    """The kernel backend for a ``model.kernels`` setting: the one place ``auto`` is decided
+    (:func:`default_backend` of ``device``: Triton on CUDA, else PyTorch; no device yet: PyTorch,
+    the network being built on the CPU before it moves)."""
+    if kernels != "auto":
+        return check_backend(kernels)
+    return default_backend(device) if device is not None else "torch"
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; valid: {', '.join(BACKENDS)}")

@@ -25,6 +25,8 @@ import math
 import torch
 from torch.utils.data import Sampler
 
+from facefuse.core.errors import ParameterError
+
 
 def _mix(purpose: str, *values: int) -> int:
     """63-bit seed from ``(purpose, *values)``: blake2b of the tuple's repr (injective text, so no
@@ -42,9 +44,9 @@ class _EpochBatches(Sampler):
     """Common part: global batches of one epoch from ``_global_batches``, split across ranks."""
 
     def __init__(self, labels: list[int], batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 option: str = "--batch-size"):
+                 param: str = "optim.batch_size"):
         if batch_size % world_size:
-            raise ValueError(f"{option} {batch_size} must be divisible by the {world_size} processes")
+            raise ParameterError(param, batch_size, f"must be divisible by the {world_size} processes")
         self.labels = labels
         self.batch_size = batch_size
         self.local = batch_size // world_size
@@ -88,16 +90,19 @@ class PKBatchSampler(_EpochBatches):
 
     def __init__(self, labels: list[int], p: int, k: int, **kw):
         if p < 1 or k < 1:
-            raise ValueError(f"--pk {p} {k}: P and K must be >= 1")
-        super().__init__(labels, p * k, option=f"--pk {p} {k}: P*K =", **kw)
+            raise ParameterError("data.pk_identities", p, f"P and K (data.pk_images={k}) must be >= 1")
+        if p * k % kw.get("world_size", 1):
+            raise ParameterError("data.pk_identities", p, f"P x K = {p} x {k} = {p * k} must be divisible by "
+                                 f"the {kw['world_size']} processes")
+        super().__init__(labels, p * k, **kw)
         self.p, self.k = p, k
         by_label: dict[int, list[int]] = {}
         for i, y in enumerate(labels):
             by_label.setdefault(y, []).append(i)
         self.pools = [idx for idx in by_label.values() if len(idx) >= 2]
         if len(self.pools) < p:
-            raise ValueError(f"--pk {p} {k}: P x K sampler needs >= {p} identities with 2+ images, "
-                             f"found {len(self.pools)}")
+            raise ParameterError("data.pk_identities", p, f"the P x K sampler needs >= {p} identities with 2+ "
+                                 f"images, found {len(self.pools)}")
         self.needed = torch.tensor([math.ceil(len(pool) / k) for pool in self.pools])
 
     def _num_batches(self) -> int:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from facefuse.core.errors import ParameterError
 from facefuse.kernels.margin import target_logit
 from facefuse.trainer.distributed import gather_labels, gather_rows
 from facefuse.trainer.losses.margin import HeadOutput, MarginHead, _check_batch, _compute_dtype, build_head
@@ -174,7 +175,7 @@ class ShardedMarginHead(nn.Module):
         with torch.random.fork_rng(devices=[]):
             ref = build_head(name, embedding_dim, 1, **head_options)
         if not isinstance(ref, MarginHead):
-            raise ValueError(f"--head-parallel: needs a margin head (arcface, cosface, sphereface, normface, "
+            raise ParameterError("loss.head_parallel", True, f"needs a margin head (arcface, cosface, sphereface, normface, "
                              f"combined), not {name!r}")
         return cls(embedding_dim, num_classes, m1=ref.m1, m2=ref.m2, m3=ref.m3, easy_margin=ref.easy_margin,
                    s=ref.s, label_smoothing=ref.label_smoothing, sample_rate=sample_rate, seed=seed,

@@ -1,6 +1,6 @@
 """Batch verification of a pairs file: embed every distinct image once, score each pair by the
 cosine of its two embeddings, decide ``same`` at a threshold (given, or calibrated and stored in
-the model: :mod:`index.calibrate`) and, with labels, compute the verification metrics.
+the model: :mod:`verification.calibrate`) and, with labels, compute the verification metrics.
 
 Memory is proportional to the distinct images, not the pairs: pairs are numpy index arrays
 (:class:`core.pairs.Pairs`), scores are computed in chunks, and the CSV is streamed out in chunks.
@@ -19,6 +19,8 @@ from facefuse.core import metrics
 from facefuse.core.pairs import Pairs, read_pairs
 from facefuse.core.errors import FacefuseError
 from facefuse.core.files import atomic_path
+from facefuse.core.settings import EmbedSettings
+from facefuse.verification.thresholds import calibration_mismatch, resolve_threshold
 
 CHUNK = 1 << 16  # pairs scored / written per step
 
@@ -32,10 +34,28 @@ class VerifyResult:
     n_skipped_images: int
     metrics: dict | None      # core.metrics.verification_metrics over the scored pairs (both classes only)
     threshold: float | None   # the decision threshold used for "same" in the CSV, if any
-    threshold_source: str | None = None  # where it came from ("--threshold", "calibrated FAR 1e-03", ...)
+    threshold_source: str | None = None  # where it came from ("threshold given", "calibrated at FAR 0.001 on ...")
     rates: dict | None = None  # core.metrics.rates_at_threshold at `threshold` (labels only)
     note: str | None = None   # why ROC metrics are absent, when labels are one class only
     seconds: float = 0.0      # embedding + scoring time
+
+    def summary(self) -> dict:
+        """What ``facefuse verify`` prints: counts, the metrics, the threshold with its decisions and
+        rates, any note, and the speed."""
+        scored = int(self.scored.sum())
+        out = {"pairs": len(self.pairs), "scored_pairs": scored, "images": self.n_images,
+               "skipped_images": self.n_skipped_images, "format": self.pairs.format, **(self.metrics or {})}
+        if self.threshold is not None:
+            dec = self.decisions()[self.scored]
+            out.update(threshold=self.threshold, threshold_source=self.threshold_source, same=int(dec.sum()),
+                       different=int((1 - dec).sum()))
+        if self.rates is not None:
+            out.update(threshold_tar=self.rates["tar"], threshold_far=self.rates["far"],
+                       threshold_accuracy=self.rates["accuracy"])
+        if self.note:
+            out["note"] = self.note
+        out.update(seconds=self.seconds, pairs_per_s=scored / self.seconds if self.seconds > 0 else None)
+        return out
 
     def decisions(self) -> np.ndarray | None:
         """1 = same / 0 = different per pair (``score >= threshold``), or None without a threshold."""
@@ -66,96 +86,53 @@ def check_finite(emb: np.ndarray, ok: np.ndarray, images, where: dict | None = N
                             + (f" (and {bad.size - 1} more images)" if bad.size > 1 else ""))
 
 
-def embed_images(embedder, images, *, batch_size: int = 64, num_workers: int | None = None,
-                 flip_tta: bool = False, skip_missing: bool = False, where: dict | None = None,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def embed_checked(embedder, images, settings: EmbedSettings = EmbedSettings(), *, where: dict | None = None,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``embedder.embed_paths`` with a progress bar on stderr (tqdm; shown on a terminal only) and
     the non-finite check."""
     from tqdm import tqdm
 
     with tqdm(total=len(images), unit="img", desc="embedding", leave=False,
               disable=None if progress else True) as bar:
-        emb, ok = embedder.embed_paths(images, batch_size=batch_size, num_workers=num_workers, flip_tta=flip_tta,
-                                       skip_missing=skip_missing, where=where, progress=bar.update)
+        emb, ok = embedder.embed_paths(images, settings, where=where, progress=bar.update)
     check_finite(emb, ok, images, where)
     return emb, ok
 
 
-def score_pairs(pairs: Pairs, embedder, center: bool = False, **embed_kw) -> tuple[np.ndarray, np.ndarray, int]:
+def score_pairs(pairs: Pairs, embedder, settings: EmbedSettings = EmbedSettings(),
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """``(scores, scored, skipped images)`` for every pair: each distinct image embedded once
-    (``center``: then centred on the mean of them all, ``core.vectors.center_rows``)."""
+    (``settings.center``: then centred on the mean of them all, ``core.vectors.center_rows``)."""
     from facefuse.core.vectors import center_rows
 
     where = {p: f"{pairs.source.name}:{n}" for p, n in pairs.first_lines().items()}
-    emb, ok = embed_images(embedder, pairs.images, where=where, **embed_kw)
-    if center:
+    emb, ok = embed_checked(embedder, pairs.images, settings, where=where, progress=progress)
+    if settings.center:
         emb = center_rows(emb, ok, where=pairs.source.name)
     scores = pair_scores(emb, pairs.ia, pairs.ib, ok)
     return scores, ~np.isnan(scores), int((~ok).sum())
 
 
-def resolve_threshold(meta, threshold: float | None, far: float | None, where: str):
-    """``(threshold, source)``: ``--threshold`` if given, else the model's calibrated threshold at
-    ``far`` (default: :func:`index.calibrate.stored_threshold`'s choice), else ``(None, None)``."""
-    from facefuse.index.calibrate import stored_threshold
-
-    if threshold is not None and far is not None:
-        raise FacefuseError("give --threshold or --far, not both")
-    if threshold is not None:
-        if not np.isfinite(threshold):
-            raise FacefuseError(f"--threshold {threshold}: must be a finite number")
-        return float(threshold), "--threshold"
-    return stored_threshold(meta, far, where)
-
-
-def test_time_settings(flip_tta: bool, crop, center: bool = False) -> dict:
-    """The embedding settings a calibrated threshold depends on, as stored in its provenance."""
-    from facefuse.core.facecrop import detect_name
-
-    return {"flip_tta": bool(flip_tta), "detect": detect_name(crop), "center": bool(center)}
-
-
-def describe_settings(s: dict) -> str:
-    """``flip off, detect haar[, centred]`` for a :func:`test_time_settings` record."""
-    return f"flip {'on' if s['flip_tta'] else 'off'}, detect {s['detect']}" + (", centred" if s["center"] else "")
-
-
-def calibration_mismatch(embedder, flip_tta: bool, center: bool = False) -> str | None:
-    """Why the model's stored threshold may not hold for this run (it was calibrated with other
-    ``--flip`` / ``--detect`` / ``--center`` settings), or None. Records without the setting count
-    as its default."""
-    prov = ((getattr(embedder.meta, "thresholds", None) or {}).get("provenance") or {})
-    now = test_time_settings(flip_tta, getattr(embedder, "crop", None), center)
-    was = {k: prov.get(k, default) for k, default in test_time_settings(False, None).items()}
-    if was == now:
-        return None
-    return (f"the stored threshold was calibrated with {describe_settings(was)} and this run uses "
-            f"{describe_settings(now)}: "
-            "its FAR may not hold (calibrate again with these options)")
-
-
-def verify_pairs(pairs_file: str | Path | Pairs, embedder, *, root: str | Path | None = None,
-                 batch_size: int = 64, num_workers: int | None = None, flip_tta: bool = False,
-                 skip_missing: bool = False, threshold: float | None = None, far: float | None = None,
-                 progress: bool = False, model_name: str = "the model", center: bool = False) -> VerifyResult:
+def verify_pairs(pairs_file: str | Path | Pairs, embedder, settings: EmbedSettings = EmbedSettings(), *,
+                 root: str | Path | None = None, threshold: float | None = None, far: float | None = None,
+                 progress: bool = False, model_name: str = "the model") -> VerifyResult:
     """Score every pair in ``pairs_file`` (a path, or a :class:`Pairs` already read, in which
-    case ``root`` is unused) with ``embedder`` (:class:`export.runtime.Embedder`).
+    case ``root`` is unused) with ``embedder`` (:class:`export.runtime.Embedder`) under ``settings``.
 
     The decision threshold is ``threshold``, else the model's calibrated one (at ``far``), else,
     with labels of both classes, the best-accuracy one from the metrics. Pairs that lose an image
-    under ``skip_missing`` get a NaN score and are left out of the metrics. Labels of one class only
-    (all same-person or all different-person) still give the rate that class allows (TAR or FAR) at
-    the threshold; ``note`` says why the ROC metrics are absent. ``center`` scores the pairs'
-    embeddings centred on the mean of all their distinct images (``core.vectors.center_rows``): a
-    threshold calibrated so (``calibrate --center``) then holds on sets unlike the calibration set.
+    under ``settings.skip_missing`` get a NaN score and are left out of the metrics. Labels of one
+    class only (all same-person or all different-person) still give the rate that class allows (TAR
+    or FAR) at the threshold; ``note`` says why the ROC metrics are absent. ``settings.center`` scores
+    the pairs' embeddings centred on the mean of all their distinct images (``core.vectors.center_rows``):
+    a threshold calibrated so then holds on sets unlike the calibration set. A stored threshold
+    calibrated under other settings is noted (``note``).
     """
     t, source = resolve_threshold(embedder.meta, threshold, far, model_name)
-    mismatch = calibration_mismatch(embedder, flip_tta, center) if threshold is None and t is not None else None
+    mismatch = calibration_mismatch(embedder.meta, settings) if threshold is None and t is not None else None
     pairs = pairs_file if isinstance(pairs_file, Pairs) else read_pairs(pairs_file, root=root)
     t0 = time.perf_counter()
-    scores, scored, skipped = score_pairs(pairs, embedder, batch_size=batch_size, num_workers=num_workers,
-                                          flip_tta=flip_tta, skip_missing=skip_missing, progress=progress,
-                                          center=center)
+    scores, scored, skipped = score_pairs(pairs, embedder, settings, progress=progress)
     seconds = time.perf_counter() - t0
     result_metrics = rates = note = None
     if pairs.labels is not None:
@@ -167,7 +144,7 @@ def verify_pairs(pairs_file: str | Path | Pairs, embedder, *, root: str | Path |
             kind, rate = ("same-person", "TAR") if y.all() else ("different-person", "FAR")
             note = (f"all {y.size} scored pairs are {kind}: ROC metrics (AUC, EER, TAR at FAR, best threshold) "
                     f"need both kinds; " + (f"only the {rate} at the threshold is reported" if t is not None else
-                                            f"give --threshold or calibrate the model to get the {rate}"))
+                                            f"give threshold= or calibrate the model to get the {rate}"))
         else:
             result_metrics = metrics.verification_metrics(s, y, folds)
             if t is None:
@@ -206,44 +183,3 @@ def write_scores_csv(path: str | Path, result: VerifyResult, progress: bool = Fa
                 cols.append([d if k else "" for d, k in zip(dec[sl].tolist(), ok)])
             w.writerows(zip(*cols))
             bar.update(len(ok))
-
-
-def check_plot_path(path: str | Path) -> None:
-    """Refuse an output format matplotlib cannot write before any work is done."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fmt = Path(path).suffix.lstrip(".").lower()
-    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
-    if fmt not in supported:
-        raise FacefuseError(f"--plot {path}: unsupported image format {fmt!r}; valid: {', '.join(sorted(supported))}")
-
-
-def plot_roc(path: str | Path, result: VerifyResult, title: str | None = None) -> None:
-    """Draw the ROC (TAR vs FAR, log FAR axis) to an image file, atomically (Agg, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if result.metrics is None:
-        raise FacefuseError("--plot needs labelled pairs of both kinds (same and different); "
-                            + (result.note or "this file has no labels"))
-    s, y = result.scores[result.scored], result.pairs.labels[result.scored]
-    far, tar, _ = metrics.roc_curve(s, y)
-    fig = Figure(figsize=(5, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    m = result.metrics
-    ax.plot(np.maximum(far, 1e-5), tar, lw=1.5,
-            label=f"AUC {m['roc_auc']:.4f}, EER {m['eer']:.4f}")
-    ax.set_xscale("log")
-    ax.set_xlim(1e-4 if len(s) > 2000 else 1e-3, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(title or f"ROC: {result.pairs.source.name} ({int(result.scored.sum())} pairs)")
-    check_plot_path(path)
-    fmt = Path(path).suffix.lstrip(".").lower()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt)

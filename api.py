@@ -1,0 +1,379 @@
+"""facefuse's Python front door: a handful of calls over the stages that do the work.
+
+    import facefuse
+
+    model = facefuse.load_model("runs/lfw/model.onnx", flip=True)    # ONNX file or checkpoint / run folder
+    v = model.verify("a.jpg", "b.jpg")                               # Verification(score=0.71, same=True, ...)
+    report = model.verify_pairs("pairs.txt")                          # accuracy, AUC, TAR@FAR, ...
+    model.calibrate("calibration_faces/")                             # thresholds stored in the model file
+    gallery = facefuse.build_gallery("gallery/", "my-index", model)   # one folder per identity
+    gallery.add(["new/Jane_Doe_0001.jpg"])
+    for hit in gallery.search(["query.jpg"], top_k=3):
+        print(hit.identity, hit.score)
+
+Results are small dataclasses with the fields the CLI prints and a ``to_dict()`` for JSON. How
+images become embeddings is one :class:`~facefuse.core.settings.EmbedSettings` (``flip``, ``align``,
+``center``, ``batch_size``, ``workers``, ``skip_missing``), given to :func:`load_model` and kept by
+the model, the calibration record, an ``embed`` folder and a gallery. Errors are
+:class:`~facefuse.core.errors.FacefuseError` (a bad argument: :class:`~facefuse.core.errors.ParameterError`,
+``far=0: ...``). The ``facefuse`` command is a thin layer over these calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from facefuse.core.errors import ParameterError
+from facefuse.core.settings import EmbedSettings
+
+
+class _Result:
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Verification(_Result):
+    """Two photos compared: their cosine ``score`` and, at ``threshold``, whether they are the same person."""
+
+    score: float
+    same: bool | None          # None without a threshold (no calibrated one, none given)
+    threshold: float | None
+    threshold_source: str | None
+    note: str | None = None    # e.g. the stored threshold was calibrated under other settings
+
+
+@dataclass
+class PairsReport(_Result):
+    """A pairs file scored: the summary ``facefuse verify`` prints (``result``: the per-pair scores)."""
+
+    summary: dict
+    result: object = field(repr=False)  # verification.scoring.VerifyResult: scores, decisions, CSV, ROC
+
+    def to_dict(self) -> dict:
+        return dict(self.summary)
+
+
+@dataclass
+class Calibration(_Result):
+    """Thresholds at target false accept rates (``at_far``), the best-accuracy one and their provenance."""
+
+    at_far: list
+    best_accuracy: dict
+    provenance: dict
+    record: dict = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return dict(self.record)
+
+
+@dataclass
+class Match(_Result):
+    identity: str
+    score: float
+    path: str
+
+
+@dataclass
+class SearchResult(_Result):
+    """One query's answer: the best identity (``unknown`` below ``threshold``) and the top matches."""
+
+    path: str
+    identity: str
+    score: float | None
+    matches: list[Match]
+    threshold: float | None
+    note: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchResult":
+        return cls(d["path"], d["identity"], d["score"], [Match(**m) for m in d["matches"]], d["threshold"],
+                   d.get("note"))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["note"] is None:
+            del d["note"]
+        return d
+
+
+@dataclass
+class Enrolment(_Result):
+    """What a build or an add changed, and what the gallery holds now."""
+
+    folder: str
+    added: int
+    skipped: int
+    size: int
+    identities: int
+    kind: str
+    dim: int
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Model:
+    """An embedding model (ONNX Runtime or PyTorch) with the settings it embeds under."""
+
+    def __init__(self, path: str | Path, settings: EmbedSettings = EmbedSettings(), *, device: str | None = None):
+        from facefuse.export.runtime import load_embedder
+
+        self.path = Path(path)
+        self.settings = settings
+        self.embedder = load_embedder(self.path, device=device)
+
+    @property
+    def meta(self):
+        return self.embedder.meta
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self.embedder.fingerprint
+
+    def with_settings(self, **changes) -> "Model":
+        """The same loaded model under other settings (nothing is reloaded)."""
+        other = object.__new__(Model)
+        other.path, other.embedder, other.settings = self.path, self.embedder, self.settings.replace(**changes)
+        return other
+
+    def embed(self, images, **changes) -> np.ndarray:
+        """L2-normalised float32 embeddings (N x D) of ``images``: file paths, PIL images or RGB /
+        grey ``uint8`` arrays (a single one or a list). ``changes`` override settings for this call."""
+        settings = self.settings.replace(**changes)
+        items = images if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ParameterError("images", images, "no images given")
+        if all(isinstance(i, (str, Path)) for i in items):
+            emb, _ = self.embedder.embed_paths(list(items), settings.replace(skip_missing=False))
+            return emb
+        return _embed_in_memory(self.embedder, [_as_pil(i) for i in items], settings)
+
+    def verify(self, a, b, *, threshold: float | None = None, far: float | None = None) -> Verification:
+        """Compare two photos (paths, PIL images or arrays) at ``threshold``, else the model's
+        calibrated threshold (at ``far``)."""
+        from facefuse.verification.thresholds import calibration_mismatch, resolve_threshold
+
+        if self.settings.center:
+            raise ParameterError("center", True, "centring needs a set of images; verify a pairs file instead")
+        t, source = resolve_threshold(self.meta, threshold, far, self.path.name)
+        ea, eb = self.embed([a, b])
+        score = float(ea @ eb)
+        note = calibration_mismatch(self.meta, self.settings) if threshold is None and t is not None else None
+        return Verification(score, None if t is None else bool(score >= np.float32(t)), t, source, note)
+
+    def verify_pairs(self, pairs, *, root: str | Path | None = None, threshold: float | None = None,
+                     far: float | None = None, progress: bool = False) -> PairsReport:
+        """Score every pair of a pairs file (LFW ``pairs.txt`` / ``pairsDev*.txt`` or ``path_a path_b
+        [label]`` lines): metrics with labels, decisions at the threshold."""
+        from facefuse.verification.scoring import verify_pairs
+
+        r = verify_pairs(pairs, self.embedder, self.settings, root=root, threshold=threshold, far=far,
+                         progress=progress, model_name=self.path.name)
+        return PairsReport(r.summary(), r)
+
+    def calibrate(self, source, *, fars=None, impostors: int | None = None, seed: int = 0,
+                  root: str | Path | None = None, write: bool = True, progress: bool = False) -> Calibration:
+        """Thresholds at target false accept rates from labelled pairs or a folder of identities; with
+        ``write`` they are stored in the model file (and used by later verifies and searches)."""
+        from facefuse.verification.calibrate import DEFAULT_IMPOSTORS, calibrate
+
+        rec = calibrate(source, self.path, self.embedder, self.settings, fars=fars,
+                        impostors=DEFAULT_IMPOSTORS if impostors is None else impostors, seed=seed, root=root,
+                        progress=progress, write=write)
+        if write:
+            self.embedder.meta.thresholds = rec
+        return Calibration(rec["at_far"], rec["best_accuracy"], rec["provenance"], rec)
+
+
+def load_model(path: str | Path, settings: EmbedSettings | None = None, *, device: str | None = None,
+               **changes) -> Model:
+    """A model from an exported ``.onnx`` file or a checkpoint / run folder, embedding under
+    ``settings`` with ``changes`` (``flip=True``, ``align="landmarks"``, ...)."""
+    return Model(path, (settings or EmbedSettings()).replace(**changes), device=device)
+
+
+def _as_pil(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, (str, Path)):
+        from facefuse.core.images import open_rgb
+
+        return open_rgb(image)
+    what = f"array {image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+    raise ParameterError("images", what, "expected file paths, PIL images or uint8 H x W (x 3) arrays")
+
+
+def _embed_in_memory(embedder, images: list, settings: EmbedSettings) -> np.ndarray:
+    import torch
+
+    transform = embedder.transform(settings)
+    rows = []
+    for lo in range(0, len(images), settings.batch_size):
+        x = torch.stack([transform(im) for im in images[lo:lo + settings.batch_size]])
+        rows.append(embedder.embed_tensor(x, flip=settings.flip))
+    return np.concatenate(rows)
+
+
+def _model(model) -> Model:
+    return model if isinstance(model, Model) else load_model(model)
+
+
+# ---------------------------------------------------------------- galleries
+
+
+class Gallery:
+    """A gallery folder (:mod:`facefuse.index`): enrol, search, inspect. The model defaults to the
+    one the gallery was built with; the settings are the gallery's own, so every add and search
+    embeds as its rows were made."""
+
+    def __init__(self, folder: str | Path, model: Model | str | Path | None = None):
+        from facefuse.index.gallery import read_meta
+
+        self.folder = Path(folder)
+        read_meta(self.folder)  # a missing or foreign folder is refused here
+        self._model = None if model is None else _model(model)
+        self.workers: int | None = None     # image-decoding workers for adds and searches (None: automatic)
+        self.batch_size: int | None = None  # images per model run (None: the settings' own)
+
+    @property
+    def model(self) -> Model:
+        """The model given, else the one the gallery was built with (loaded on first use)."""
+        if self._model is None:
+            from facefuse.index.enroll import index_model_path
+
+            self._model = load_model(index_model_path(self.folder))
+        return self._model
+
+    def info(self) -> Enrolment:
+        from facefuse.index.gallery import load_gallery
+
+        return _enrolment(self.folder, load_gallery(self.folder), 0, 0)
+
+    def __len__(self) -> int:
+        from facefuse.index.gallery import read_meta
+
+        return int(read_meta(self.folder)["count"])
+
+    def identities(self) -> list[str]:
+        """Distinct enrolled identities, first-enrolled first."""
+        from facefuse.index.gallery import load_gallery
+
+        return load_gallery(self.folder).names()
+
+    def add(self, images, *, identity: str | None = None) -> Enrolment:
+        """Enrol image files or gallery-layout folders (identity from folder / ``<identity>_`` file
+        names, or ``identity`` for all of them)."""
+        from facefuse.index.enroll import add_to_index_folder
+
+        g, added = add_to_index_folder(self.folder, _listed(images), self.model.embedder, identity=identity,
+                                       batch_size=self.batch_size, workers=self.workers)
+        return _enrolment(self.folder, g, added, 0)
+
+    def add_embeddings(self, embeddings, labels=None) -> Enrolment:
+        """Enrol precomputed embeddings (``.npy``, a folder of shards with ``labels``, or a
+        ``facefuse embed`` folder, which carries its labels)."""
+        from facefuse.index.enroll import add_embeddings_to_index_folder
+
+        g, added = add_embeddings_to_index_folder(self.folder, embeddings, labels)
+        return _enrolment(self.folder, g, added, 0)
+
+    def search(self, images, *, top_k: int = 5, threshold: float | None = None, far: float | None = None,
+               nprobe: int | None = None, ef_search: int | None = None) -> list[SearchResult]:
+        """The ``top_k`` nearest identities of each query image (folders expanded); ``unknown`` below
+        ``threshold``, else the model's calibrated threshold (at ``far``)."""
+        from facefuse.index.enroll import search_images
+
+        hits = search_images(_listed(images), self.folder, self.model.embedder, top_k=top_k, threshold=threshold,
+                             far=far, nprobe=nprobe, ef_search=ef_search, batch_size=self.batch_size,
+                             workers=self.workers)
+        return [SearchResult.from_dict(h) for h in hits]
+
+
+def build_gallery(source, out: str | Path, model: Model | str | Path | None = None, *, labels=None,
+                  kind: str = "auto", **params) -> tuple[Gallery, Enrolment]:
+    """Enrol ``source`` into a new gallery folder ``out``: a folder of identities (one sub-folder
+    per identity, or ``<identity>_*.jpg`` files) embedded by ``model`` under its settings, or
+    precomputed embeddings (``labels``, or a ``facefuse embed`` folder, which carries them; ``model``
+    then only recorded). ``kind``: ``auto`` or an index kind of :data:`facefuse.index.search.KINDS`;
+    ``params``: its build and search parameters (``nlist``, ``nprobe``, ...)."""
+    from facefuse.index.enroll import (build_index_folder, build_index_folder_from_embeddings, model_record)
+
+    m = None if model is None else _model(model)
+    if labels is not None or _is_embeddings(source):
+        record = model_record(m.embedder, m.path) if m is not None else None
+        g, skipped = build_index_folder_from_embeddings(source, labels, out, model=record, kind=kind, **params), 0
+    else:
+        if m is None:
+            raise ParameterError("model", None, "a model is needed to embed the images of a gallery folder")
+        g, skipped = build_index_folder(source, m.embedder, m.path, out, m.settings, kind=kind, **params)
+    return Gallery(out, m), _enrolment(out, g, len(g), skipped)
+
+
+def open_gallery(folder: str | Path, model: Model | str | Path | None = None) -> Gallery:
+    """An existing gallery folder (``model``: default the one it was built with)."""
+    return Gallery(folder, model)
+
+
+def _is_embeddings(source) -> bool:
+    from facefuse.export.extract import MANIFEST
+
+    p = Path(source)
+    return p.suffix == ".npy" or (p / MANIFEST).is_file()
+
+
+def _listed(images) -> list:
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _enrolment(folder, g, added: int, skipped: int) -> Enrolment:
+    return Enrolment(str(folder), added, skipped, len(g), len(g.names()), g.kind, g.dim)
+
+
+# ---------------------------------------------------------------- the other jobs
+
+
+def embed_to_folder(source, model: str | Path, out: str | Path, settings: EmbedSettings | None = None, **changes):
+    """Embed a folder of identities or a list file into ``out`` (shards, labels, paths, manifest);
+    under torchrun each process embeds its part. Returns ``export.extract.Extraction``."""
+    from facefuse.export.extract import extract_embeddings
+
+    return extract_embeddings(source, model, out, (settings or EmbedSettings()).replace(**changes))
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, **options):
+    """Export a checkpoint to ONNX and check it against PyTorch (``export.onnx_export.export_onnx``)."""
+    from facefuse.export import onnx_export
+
+    return onnx_export.export_onnx(checkpoint, out, **options)
+
+
+def quantize_int8(onnx_in: str | Path, out: str | Path, calib_images: str | Path, **options):
+    """An INT8 copy of a float32 export, calibrated on face images (``export.quantize.quantize_int8``)."""
+    from facefuse.export import quantize
+
+    return quantize.quantize_int8(onnx_in, out, calib_images, **options)
+
+
+def train(config, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train from a :class:`facefuse.trainer.config.TrainConfig` (``trainer.config.resolve_config``
+    builds one from files and overrides). Returns the run's summary."""
+    from facefuse.trainer.engine import train as run_training
+
+    return run_training(config, resume=resume, progress=progress)
