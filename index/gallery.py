@@ -1,78 +1,137 @@
-"""An enrolled gallery on disk: a folder holding ``meta.json`` and the faiss index it names.
+"""An enrolled gallery: a faiss index and, per vector, the identity and image path it came from;
+in memory (:class:`Gallery`) and as a folder on disk that changes by what is added or removed.
 
-``meta.json`` records, for every vector in row order, its identity and image path, plus the model
-the embeddings came from (fingerprint, dimension, backbone), the index kind, its build and search
-parameters, the count, and ``index_file``: the generation of the index it belongs to.
+The folder (layout, commit points, crash and upgrade story: :mod:`index.store`) keeps identities,
+paths, provenance and per-row state in SQLite and the vectors in a faiss index plus an append-only
+journal. Writers serialise on one ``fcntl.flock`` (``<folder>/.lock``, :func:`locked`); readers take
+no lock and get a consistent snapshot (:func:`load_gallery`). Every write is durable when it returns.
 
-Writes are transactions. A writer holds an exclusive ``fcntl.flock`` on ``<folder>/.lock`` across
-its whole read-modify-write (:func:`update_gallery`), so concurrent writers serialise and none is
-lost. It writes the new index under a fresh name (``index-<generation>.faiss``), fsyncs it, then
-atomically replaces ``meta.json`` naming it: that rename is the one commit point, so the index and
-its metadata change together. Readers take no lock: they read ``meta.json`` once and open the index
-it names; the previous generation is kept until the next commit, and a reader that still loses the
-race (the file it was told of is gone, or does not match) re-reads ``meta.json`` and tries again.
-``index.faiss`` is a symbolic link to the current generation, for tools that open it by name.
-Loading refuses an index whose vector count disagrees with its metadata, or one built with a
-different model (fingerprint or dimension), because its vectors are not comparable with new ones.
+- :func:`save_gallery`: a whole gallery, as a new generation (``index build``).
+- :func:`update_gallery` / :func:`add_to_gallery`: journal new rows only (``index add``).
+- :func:`remove_from_gallery`: rows of an identity or an image path leave search results at once;
+  their vectors, identities and paths leave the disk at the next compaction.
+- :func:`compact_gallery`: fold the journal into a new index generation, dropping removed rows. It
+  also runs by itself at the end of a write that leaves :data:`store.AUTO_COMPACT_ROWS` rows pending.
+
+Folders written before this format (``meta.json``) are read as they are and upgraded in place, under
+the lock, by their first write. Loading refuses a gallery whose vectors another model made.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import re
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from facefuse.core.errors import FacefuseError
+from facefuse.core.errors import FacefuseError, ParameterError
 from facefuse.core.folders import identity_from_name  # noqa: F401  (part of this module's API)
 from facefuse.core.folders import scan_identity_folder as scan_gallery  # noqa: F401
-from facefuse.core.files import atomic_write_text
 from facefuse.index import search as S
+from facefuse.index import store
+from facefuse.index.store import DB_FILE, locked  # noqa: F401  (part of this module's API)
 
-INDEX_FILE = "index.faiss"  # link to the current generation
-META_FILE = "meta.json"
-LOCK_FILE = ".lock"
-FORMAT = "facefuse-gallery"
-GENERATION = re.compile(r"index-(\d+)\.faiss$")
-READ_RETRIES = 20
+INDEX_FILE = store.INDEX_LINK  # link to the current generation's index file
+META_FILE = store.LEGACY_META  # the metadata file of format version 1
+FORMAT = store.FORMAT
 
 
-@dataclass
 class Gallery:
-    """A faiss index and, per row, the identity and image path it was enrolled from."""
+    """A faiss index and, per index position, the identity and image path enrolled there.
 
-    index: faiss.Index
-    identities: list[str]
-    paths: list[str]
-    model: dict                       # fingerprint, embedding_dim, backbone of the embedding model
-    kind: str
-    params: dict = field(default_factory=dict)  # build + search parameters (nlist, nprobe, ...), flip_tta
-    _labels: tuple | None = field(default=None, repr=False, compare=False)
-    _gpu_index: faiss.Index | None = field(default=None, repr=False, compare=False)
+    A gallery read from a folder may hold rows removed since the folder's last compaction: they
+    stay in the index, masked. ``identities``, ``paths``, ``names()`` and ``len`` count live rows
+    only; ``label_ids()`` (per position) gives removed rows ``-1`` and search never returns them.
+    ``row_ids`` are the rows' stable ids in the folder (positions for a gallery built in memory).
+    The gallery :func:`update_gallery` yields reads its index only if the block asks for it.
+    """
+
+    def __init__(self, index: faiss.Index | None, identities: list[str], paths: list[str], model: dict, kind: str,
+                 params: dict | None = None, settings: dict | None = None, *, removed: np.ndarray | None = None,
+                 row_ids: np.ndarray | None = None):
+        self._index, self._ids, self._paths = index, list(identities), [str(p) for p in paths]
+        self.model, self.kind = model, kind
+        self.params = dict(params or {})      # build + search parameters (nlist, nprobe, ...)
+        self.settings = dict(settings or {})  # how the images were embedded, stored as given
+        n = len(self._ids)
+        self.removed = np.zeros(n, bool) if removed is None else np.asarray(removed, bool)
+        self.row_ids = np.arange(n, dtype=np.int64) if row_ids is None else np.asarray(row_ids, np.int64)
+        self.pending: list[tuple[np.ndarray, list[str], list[str]]] = []  # adds a folder commit journals
+        self._folder: Path | None = None  # set by update_gallery until it commits: where the adds go
+        self._source: Path | None = None  # the folder the index and rows are read from on first use
+        self._header: dict | None = None  # that folder's header, while they are not read
+        self._labels = self._gpu_index = self._live = None
+
+    @classmethod
+    def _of_folder(cls, folder: Path, header: dict) -> Gallery:
+        """The gallery of ``folder`` (lock held) with its index and rows read on first use."""
+        g = cls(None, [], [], header.get("model", {}), header["kind"], header.get("params"), header.get("settings"))
+        g._folder = g._source = folder
+        g._header = header
+        return g
+
+    def _read(self) -> None:
+        if self._header is None:
+            return
+        snap = store.read_snapshot(self._source)
+        self._index, self._ids, self._paths = snap.index, snap.identities, snap.paths
+        self.removed, self.row_ids, self._header = snap.removed, snap.ids, None
+        for vectors, ids, paths in self.pending:
+            self._append(vectors, ids, paths)
+
+    @property
+    def index(self) -> faiss.Index:
+        self._read()
+        return self._index
+
+    @property
+    def identities(self) -> list[str]:
+        """Identity of every live row, in enrolment order."""
+        return self._live_rows()[0]
+
+    @property
+    def paths(self) -> list[str]:
+        """Image path of every live row, in enrolment order."""
+        return self._live_rows()[1]
+
+    def _live_rows(self) -> tuple[list[str], list[str]]:
+        self._read()
+        if not self.removed.any():
+            return self._ids, self._paths
+        if self._live is None:
+            keep = np.flatnonzero(~self.removed)
+            self._live = ([self._ids[i] for i in keep], [self._paths[i] for i in keep])
+        return self._live
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        if self._header is not None:
+            return self._header["count"] + sum(len(p[0]) for p in self.pending)
+        return len(self._ids) - int(self.removed.sum())
 
     @property
     def dim(self) -> int:
-        return self.index.d
+        return self._header["dim"] if self._header is not None else self._index.d
 
     def names(self) -> list[str]:
-        """Distinct identities in first-enrolled order."""
+        """Distinct live identities in first-enrolled order."""
+        if self._header is not None:
+            with closing(store.connect(self._source)) as con:
+                names = [r[0] for r in con.execute("SELECT identity FROM rows WHERE removed = 0 "
+                                                   "GROUP BY identity ORDER BY min(id)")]
+            return list(dict.fromkeys(names + [i for p in self.pending for i in p[1]]))
         return self.label_ids()[1]
 
     def label_ids(self) -> tuple[np.ndarray, list[str]]:
-        """Per-row integer identity ids and the names they index (computed once per change)."""
+        """Per index position the integer id of its identity (``-1`` for a removed row) and the names
+        they index (computed once per change)."""
+        self._read()
         if self._labels is None:
             names = list(dict.fromkeys(self.identities))
             pos = {n: i for i, n in enumerate(names)}
-            self._labels = (np.fromiter((pos[n] for n in self.identities), np.int64, len(self.identities)), names)
+            labels = np.fromiter((pos.get(n, -1) for n in self._ids), np.int64, len(self._ids))
+            labels[self.removed] = -1
+            self._labels = (labels, names)
         return self._labels
 
     def search_index(self) -> faiss.Index:
@@ -90,21 +149,48 @@ class Gallery:
 
     def add(self, embeddings, identities: list[str], paths: list[str]) -> None:
         """Enroll more vectors (normalised here, in chunks) into the existing, already trained
-        index: no rebuild."""
+        index: no rebuild. In :func:`update_gallery` they are journalled when the block ends."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise FacefuseError(f"embeddings have dimension {embeddings.shape[-1]}, the gallery {self.dim}")
         if not (len(identities) == len(paths) == len(embeddings)):
             raise ValueError("one identity and one path per embedding")
+        ids, paths = list(identities), [str(p) for p in paths]
+        at = 0
         for block in S.iter_chunks(embeddings):
-            self.index.add(block)
-        self.identities += list(identities)
-        self.paths += [str(p) for p in paths]
-        self._labels = self._gpu_index = None
+            part = (block, ids[at:at + len(block)], paths[at:at + len(block)])
+            at += len(block)
+            if self._folder is not None:
+                self.pending.append(part)
+            if self._header is None:
+                self._append(*part)
 
-    def to_meta(self) -> dict:
-        return {"format": FORMAT, "kind": self.kind, "count": len(self), "dim": self.dim,
-                "model": self.model, "params": self.params,
-                "identities": self.identities, "paths": self.paths}
+    def _append(self, vectors: np.ndarray, ids: list[str], paths: list[str]) -> None:
+        self._index.add(vectors)
+        self._ids += ids
+        self._paths += paths
+        self.removed = np.r_[self.removed, np.zeros(len(ids), bool)]
+        self.row_ids = np.r_[self.row_ids, -np.ones(len(ids), np.int64)]  # given by the folder's commit
+        self._labels = self._gpu_index = self._live = None
+
+    def remove(self, *, identity: str | None = None, path: str | None = None) -> int:
+        """Mask the live rows of ``identity`` and/or ``path`` in memory (e.g. to follow a
+        :func:`remove_from_gallery` without reading the folder again); returns how many."""
+        if self._folder is not None:
+            raise FacefuseError(f"{self._folder}: remove rows of a gallery folder with remove_from_gallery")
+        self._read()
+        hit = ~self.removed
+        if identity is not None:
+            hit &= np.fromiter((i == identity for i in self._ids), bool, len(self._ids))
+        if path is not None:
+            hit &= np.fromiter((p == str(path) for p in self._paths), bool, len(self._paths))
+        self.removed = self.removed | hit
+        self._labels = self._live = None
+        return int(hit.sum())
+
+    def header(self) -> dict:
+        """What a folder stores of the gallery besides its rows."""
+        return {"kind": self.kind, "dim": self.dim, "model": self.model, "params": self.params,
+                "settings": self.settings}
 
 
 def build_gallery(embeddings, identities: list[str], paths: list[str], model: dict,
@@ -133,17 +219,20 @@ def search_gallery(gallery: Gallery, queries, k: int = 5, threshold: float | Non
     ``params`` (``nprobe``, ``k_factor``, ``ef_search``) override the gallery's stored ones.
     Each result: ``{"identity", "score", "matches": [{"identity", "score", "path"}, ...]}`` where
     ``identity`` is the best match, or ``"unknown"`` when its cosine score is below ``threshold``.
+    Removed rows all carry label -1, so they fill at most one of ``k + 1`` identities asked of the
+    index, and that one is dropped.
     """
     if len(gallery) == 0:
         raise FacefuseError("the gallery is empty")
     ids, names = gallery.label_ids()
     k = max(1, min(k, len(names)))
-    scores, labels, rows = S.search_identities(gallery.search_index(), S.normalize(queries), ids, k,
+    masked = int(gallery.removed.any())
+    scores, labels, rows = S.search_identities(gallery.search_index(), S.normalize(queries), ids, k + masked,
                                                **gallery.search_params(**params))
     out = []
     for s, lab, r in zip(scores, labels, rows):
-        matches = [{"identity": names[l], "score": float(v), "path": gallery.paths[i]}
-                   for v, l, i in zip(s, lab, r) if l >= 0]
+        matches = [{"identity": names[l], "score": float(v), "path": gallery._paths[i]}
+                   for v, l, i in zip(s, lab, r) if l >= 0][:k]
         best = matches[0] if matches else None
         known = best is not None and (threshold is None or best["score"] >= threshold)
         out.append({"identity": best["identity"] if known else "unknown",
@@ -154,39 +243,112 @@ def search_gallery(gallery: Gallery, queries, k: int = 5, threshold: float | Non
 # ---------------------------------------------------------------- on disk
 
 
-@contextmanager
-def locked(folder: str | Path):
-    """Hold the exclusive writer lock of gallery ``folder`` (created if absent) for the block."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield folder
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def save_gallery(gallery: Gallery, folder: str | Path) -> None:
-    """Write ``gallery`` into ``folder`` as one transaction under the writer lock (an existing
-    gallery folder gets a new generation; any other non-empty folder is refused)."""
+    """Write ``gallery`` into ``folder`` whole, as one transaction under the writer lock (an existing
+    gallery folder gets a new generation replacing its rows; any other non-empty folder is refused).
+    Masked rows are left out."""
     folder = Path(folder)
     _check_writable(folder)
-    with locked(folder):
+    index = gallery.index
+    if gallery.removed.any():
+        index = store.drop_positions(faiss.clone_index(index), gallery.removed)
+    with locked(folder), closing(store.connect(folder, create=True)) as con:
         _check_writable(folder)
-        _commit(gallery, folder)
+        store.write_new(con, folder, index, gallery.identities, gallery.paths, gallery.header())
+
+
+@contextmanager
+def _writing(folder: Path):
+    """The writer lock and one database connection, the folder upgraded to the current format:
+    yields ``(connection, header)``."""
+    if not (folder / DB_FILE).is_file():
+        read_meta(folder)  # a missing / foreign folder is refused before any file is made
+    with locked(folder):
+        store.upgrade_legacy(folder)
+        with closing(store.connect(folder)) as con:
+            head = store.header(con)
+            if head is None:
+                raise FacefuseError(f"{folder / DB_FILE}: holds no gallery; {store.REBUILD}")
+            yield con, head
 
 
 @contextmanager
 def update_gallery(folder: str | Path, *, fingerprint: str | None = None, dim: int | None = None):
-    """Read-modify-write of gallery ``folder`` under the writer lock: yields the current gallery,
-    commits it when the block returns (nothing is written if it raises)."""
+    """Read-modify-write of gallery ``folder`` under the writer lock: yields the current gallery
+    (its index is read only if the block uses it); when the block returns, the rows it added are
+    journalled and changed ``params`` / ``settings`` / ``model`` stored (nothing is written if it
+    raises). The new rows' ids are then in ``gallery.added_ids``."""
     folder = Path(folder)
-    read_meta(folder)  # a missing / foreign folder is refused before the lock file is made
-    with locked(folder):
-        gallery = load_gallery(folder, fingerprint=fingerprint, dim=dim)
+    with _writing(folder) as (con, head):
+        check_model(head, folder, fingerprint=fingerprint, dim=dim)
+        gallery = Gallery._of_folder(folder, head)
         yield gallery
-        _commit(gallery, folder)
+        _commit(con, gallery, folder, head)
+
+
+def _commit(con, gallery: Gallery, folder: Path, head: dict) -> None:
+    changed = {k: v for k, v in gallery.header().items() if k in ("params", "settings", "model") and v != head.get(k)}
+    if changed:
+        store.set_header(con, **changed)
+    added = np.zeros(0, np.int64)
+    if gallery.pending:
+        rows = gallery.pending
+        added = store.append_rows(con, folder, np.concatenate([p[0] for p in rows]), [i for p in rows for i in p[1]],
+                                  [i for p in rows for i in p[2]])
+        if gallery._header is None:
+            gallery.row_ids[-len(added):] = added
+        else:
+            gallery._header = {**gallery._header, "count": gallery._header["count"] + len(added)}
+    gallery.pending, gallery._folder, gallery.added_ids = [], None, added
+    _compact_if_due(con, folder)
+
+
+def _compact_if_due(con, folder: Path) -> None:
+    if store.pending(store.header(con)) >= store.AUTO_COMPACT_ROWS:
+        store.compact(con, folder)
+
+
+def add_to_gallery(folder: str | Path, embeddings, identities: list[str], paths: list[str], *,
+                   fingerprint: str | None = None, dim: int | None = None) -> np.ndarray:
+    """Enroll ``embeddings`` (normalised here) with their identities and paths into gallery
+    ``folder``, writing only them; returns their row ids. Durable when it returns."""
+    with update_gallery(folder, fingerprint=fingerprint, dim=dim) as gallery:
+        gallery.add(embeddings, identities, paths)
+    return gallery.added_ids
+
+
+def remove_from_gallery(folder: str | Path, *, identity: str | None = None, path: str | None = None) -> int:
+    """Remove every row of ``identity``, or the rows enrolled from image ``path`` (both: the rows
+    with that identity and path). They are gone from search results when this returns; their
+    vectors, identities and paths leave the files at the next compaction (:func:`compact_gallery`,
+    or automatic). Returns how many rows were removed; none matching is an error naming the value."""
+    if identity is None and path is None:
+        raise ParameterError("identity", None, "give identity=..., path=... or both")
+    folder = Path(folder)
+    with _writing(folder) as (con, _):
+        n = store.remove_rows(con, folder, identity=identity, path=None if path is None else str(path))
+        if n == 0:
+            if path is None:
+                raise ParameterError("identity", identity, f"no such identity enrolled in {folder}")
+            what = f"no image of identity {identity} " if identity is not None else "no image "
+            raise ParameterError("path", path, f"{what}with this path enrolled in {folder}")
+        _compact_if_due(con, folder)
+    return n
+
+
+def compact_gallery(folder: str | Path) -> dict:
+    """Fold the journal of gallery ``folder`` into a new index generation and drop removed rows
+    from its files. Returns ``{"generation", "rows", "folded", "dropped", "bytes_before",
+    "bytes_after", "seconds"}``; with nothing pending, nothing is rewritten (``folded`` and
+    ``dropped`` are 0 and the generation stays)."""
+    folder = Path(folder)
+    with _writing(folder) as (con, head):
+        if store.pending(head):
+            return store.compact(con, folder)
+        store.tidy(folder, head["generation"])
+        size = store.folder_bytes(folder)
+        return {"generation": head["generation"], "rows": head["count"], "folded": 0, "dropped": 0,
+                "bytes_before": size, "bytes_after": size, "seconds": 0.0}
 
 
 def _check_writable(folder: Path) -> None:
@@ -196,66 +358,23 @@ def _check_writable(folder: Path) -> None:
 
 def _is_gallery_folder(folder: Path) -> bool:
     """A folder holding only gallery files (an empty folder counts)."""
-    return folder.is_dir() and all(
-        p.name in (INDEX_FILE, META_FILE, LOCK_FILE) or GENERATION.match(p.name) or p.name.startswith(f".{META_FILE}.")
-        or p.name.startswith(f".{INDEX_FILE}.") for p in folder.iterdir())
-
-
-def _generations(folder: Path) -> dict[int, Path]:
-    return {int(m.group(1)): p for p in folder.iterdir() if (m := GENERATION.match(p.name))}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(gallery: Gallery, folder: Path) -> None:
-    """The new generation's index file, then ``meta.json`` naming it (the commit), then the link;
-    generations older than the previous one are deleted. Caller holds the lock."""
-    gens = _generations(folder)
-    gen = max(gens, default=0) + 1
-    name = f"index-{gen:06d}.faiss"
-    try:
-        previous = json.loads((folder / META_FILE).read_text()).get("index_file", INDEX_FILE)
-    except (OSError, ValueError, AttributeError):
-        previous = None
-    try:
-        faiss.write_index(gallery.index, str(folder / name))
-        _fsync(folder / name)
-        atomic_write_text(folder / META_FILE, json.dumps({**gallery.to_meta(), "index_file": name,
-                                                          "generation": gen}, indent=1))
-    except BaseException:
-        (folder / name).unlink(missing_ok=True)
-        raise
-    _fsync(folder)
-    link = folder / f".{INDEX_FILE}.{os.getpid()}.tmp"
-    link.unlink(missing_ok=True)
-    os.symlink(name, link)
-    os.replace(link, folder / INDEX_FILE)
-    for g, p in gens.items():
-        if p.name != previous:
-            p.unlink(missing_ok=True)
+    return folder.is_dir() and all(store.is_gallery_file(p.name) for p in folder.iterdir())
 
 
 def read_meta(folder: str | Path) -> dict:
-    """``meta.json`` of a gallery index folder, checked to be one."""
+    """What gallery ``folder`` records besides its rows: ``format``, ``version``, ``kind``,
+    ``count`` (live rows), ``dim``, ``model``, ``params``, ``settings``, ``generation``, and, for the
+    current format, ``journal_rows`` and ``removed`` (rows pending compaction)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FacefuseError(f"{folder}: no such gallery index folder")
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise FacefuseError(f"{folder}: not a gallery index (needs {META_FILE} and its index file)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FacefuseError(f"{meta_path}: not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FacefuseError(f"{meta_path}: not a facefuse gallery meta file")
-    return meta
+    head = store.read_header(folder)
+    if head is not None:
+        return store.public_header(head)
+    meta = store.read_legacy_meta(folder)
+    if meta is None:
+        raise FacefuseError(f"{folder}: not a gallery index (needs {DB_FILE}, or the {META_FILE} of an older one)")
+    return store.legacy_header(meta)
 
 
 def check_model(meta: dict, folder: Path, *, fingerprint: str | None = None, dim: int | None = None) -> None:
@@ -272,45 +391,14 @@ def check_model(meta: dict, folder: Path, *, fingerprint: str | None = None, dim
 
 def load_gallery(folder: str | Path, *, fingerprint: str | None = None,
                  dim: int | None = None) -> Gallery:
-    """Read a gallery folder (a consistent generation, without taking the lock); with
-    ``fingerprint`` / ``dim``, refuse one built with another model."""
+    """A consistent snapshot of gallery ``folder``, without taking the lock: the index with the
+    journal replayed and removed rows masked. With ``fingerprint`` / ``dim``, refuse one built with
+    another model."""
     folder = Path(folder)
-    for _ in range(READ_RETRIES):
-        meta = read_meta(folder)
-        index, problem = _read_index(folder, meta)
-        if problem is None:
-            break
-        if _same_generation(meta, folder):
-            raise FacefuseError(problem)
-    else:
-        raise FacefuseError(f"{folder}: changed {READ_RETRIES} times while being read; try again")
+    meta = read_meta(folder)
     check_model(meta, folder, fingerprint=fingerprint, dim=dim)
-    return Gallery(index, list(meta["identities"]), list(meta["paths"]), meta.get("model", {}), meta["kind"],
-                   meta.get("params", {}))
-
-
-def _read_index(folder: Path, meta: dict):
-    """``(index, None)``, or ``(None, why not)`` when the file is unreadable or disagrees with ``meta``."""
-    index_path = folder / meta.get("index_file", INDEX_FILE)
-    try:
-        index = faiss.read_index(str(index_path))
-    except RuntimeError:
-        why = "is missing" if not index_path.exists() else "not a faiss index file"
-        return None, f"{index_path}: {why}"
-    ids, paths = meta.get("identities") or [], meta.get("paths") or []
-    if not (index.ntotal == meta.get("count") == len(ids) == len(paths)):
-        return None, (f"{folder}: {index_path.name} holds {index.ntotal} vectors but {META_FILE} lists {len(ids)} "
-                      f"(count {meta.get('count')}, {len(paths)} paths); rebuild the index")
-    if meta.get("dim") != index.d:
-        return None, (f"{folder}: {index_path.name} holds {index.d}-d vectors but {META_FILE} says "
-                      f"{meta.get('dim')}-d; rebuild the index")
-    return index, None
-
-
-def _same_generation(meta: dict, folder: Path) -> bool:
-    """Whether ``meta.json`` still names what ``meta`` named (so a failed read is not a race)."""
-    try:
-        now = read_meta(folder)
-    except FacefuseError:
-        return True
-    return (now.get("index_file"), now.get("generation")) == (meta.get("index_file"), meta.get("generation"))
+    snap = store.read_snapshot(folder) if meta["version"] >= 2 else store.read_legacy(folder)
+    h = snap.header
+    check_model(h, folder, fingerprint=fingerprint, dim=dim)
+    return Gallery(snap.index, snap.identities, snap.paths, h.get("model", {}), h["kind"], h.get("params"),
+                   h.get("settings"), removed=snap.removed, row_ids=snap.ids)
