@@ -1,22 +1,25 @@
 """Image files: which names are images, and decoding any of them (JPEG, PNG, PGM, GIF, 16-bit,
-palette, RGBA, ...) to RGB, with one clear error per bad file. Also the evaluation transform
-(resize the short side, centre crop, normalise) that training validation, export checks and the
-embedders share, so an image is fed the same way everywhere."""
+palette, RGBA, ...) to RGB, upright as its EXIF orientation says, with one clear error per bad
+file. Also the evaluation transform (resize the short side, centre crop, normalise) that training
+validation, export checks and the embedders share, so an image is fed the same way everywhere."""
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from .errors import BadImageError
 from .folders import IGNORED_NAMES, IMAGE_EXTENSIONS, is_image  # noqa: F401  (part of this module's API)
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully and return it as RGB (grey, palette, 16-bit and RGBA are converted).
+    """Decode an image fully and return it as RGB (grey, palette, 16-bit and RGBA are converted),
+    turned and mirrored as its EXIF orientation tag (1-8) says, as a photo viewer shows it: a
+    portrait phone photo stored sideways comes out upright (:func:`upright`).
 
     Raises :class:`BadImageError` naming the file for a missing, truncated, corrupt or
     implausibly large image (a header claiming more pixels than PIL's decompression-bomb limit)."""
@@ -26,7 +29,7 @@ def open_rgb(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return _to_rgb(im)
+                return _to_rgb(upright(im))
     except FileNotFoundError:
         raise BadImageError(path, "no such file") from None
     except IsADirectoryError:
@@ -37,6 +40,16 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise BadImageError(path, f"too many pixels for a face image ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` as its EXIF orientation tag says it is seen (``PIL.ImageOps.exif_transpose``); the
+    image itself when it has no tag, or an EXIF block too damaged to hold one (the pixels are then
+    shown as stored, which is what a tag that cannot be read means)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error):
+        return im
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
