@@ -28,8 +28,8 @@ import numpy as np
 from facefuse.core.errors import FacefuseError, ParameterError
 from facefuse.core.folders import identity_from_name  # noqa: F401  (part of this module's API)
 from facefuse.core.folders import scan_identity_folder as scan_gallery  # noqa: F401
+from facefuse.index import legacy, store
 from facefuse.index import search as S
-from facefuse.index import store
 from facefuse.index.store import DB_FILE, locked  # noqa: F401  (part of this module's API)
 
 INDEX_FILE = store.INDEX_LINK  # link to the current generation's index file
@@ -264,7 +264,7 @@ def _writing(folder: Path):
     if not (folder / DB_FILE).is_file():
         read_meta(folder)  # a missing / foreign folder is refused before any file is made
     with locked(folder):
-        store.upgrade_legacy(folder)
+        legacy.upgrade(folder)
         with closing(store.connect(folder)) as con:
             head = store.header(con)
             if head is None:
@@ -371,10 +371,10 @@ def read_meta(folder: str | Path) -> dict:
     head = store.read_header(folder)
     if head is not None:
         return store.public_header(head)
-    meta = store.read_legacy_meta(folder)
+    meta = legacy.read_meta(folder)
     if meta is None:
         raise FacefuseError(f"{folder}: not a gallery index (needs {DB_FILE}, or the {META_FILE} of an older one)")
-    return store.legacy_header(meta)
+    return legacy.header_of(meta)
 
 
 def check_model(meta: dict, folder: Path, *, fingerprint: str | None = None, dim: int | None = None) -> None:
@@ -397,7 +397,7 @@ def load_gallery(folder: str | Path, *, fingerprint: str | None = None,
     folder = Path(folder)
     meta = read_meta(folder)
     check_model(meta, folder, fingerprint=fingerprint, dim=dim)
-    snap = store.read_snapshot(folder) if meta["version"] >= 2 else store.read_legacy(folder)
+    snap = store.read_snapshot(folder) if meta["version"] >= 2 else legacy.read(folder)
     h = snap.header
     check_model(h, folder, fingerprint=fingerprint, dim=dim)
     return Gallery(snap.index, snap.identities, snap.paths, h.get("model", {}), h["kind"], h.get("params"),

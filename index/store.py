@@ -39,12 +39,9 @@ commit and never wait for the writer), then the generation files it names are re
 that deletes them in between makes the reader try again; a file missing while the database still
 names it is damage, reported with how to rebuild.
 
-Folders of format version 1 (``meta.json`` naming ``index-<G>.faiss``) are read as they are, and
-upgraded in place at their first write, under the lock: ``gallery.db`` is made in one transaction
-that reuses ``index-<G>.faiss`` as generation ``G`` (row ids = row numbers), then ``meta.json`` is
-deleted. Until that commit the folder is version 1; after it, ``gallery.db`` wins.
+Folders of format version 1 (``meta.json``) are read and upgraded by :mod:`index.legacy`.
 
-Crash tests stop a writer between the steps named by ``_step`` (:data:`step_hook`).
+Crash tests stop a writer between the steps named by :func:`step` (:data:`step_hook`).
 """
 
 from __future__ import annotations
@@ -93,7 +90,7 @@ CREATE INDEX rows_path ON rows (path) WHERE removed = 0;
 step_hook: Callable[[str], None] | None = None  # crash tests: called at each named step of a write
 
 
-def _step(name: str) -> None:
+def step(name: str) -> None:
     if step_hook is not None:
         step_hook(name)
 
@@ -151,13 +148,13 @@ def header(con: sqlite3.Connection) -> dict | None:
         return None
 
 
-def _create_schema(con: sqlite3.Connection) -> None:
+def create_schema(con: sqlite3.Connection) -> None:
     """The tables, inside the caller's transaction (SQLite DDL is transactional)."""
     for statement in filter(str.strip, SCHEMA.split(";")):
         con.execute(statement)
 
 
-def _set(con: sqlite3.Connection, **values) -> None:
+def set_values(con: sqlite3.Connection, **values) -> None:
     con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     [(k, json.dumps(v)) for k, v in values.items()])
 
@@ -216,18 +213,18 @@ def _append_journal(folder: Path, gen: int, dim: int, committed: int, ids: np.nd
             os.write(fd, JOURNAL_MAGIC + np.array([dim, 0], "<u4").tobytes())
         end = JOURNAL_HEADER + committed * dt.itemsize
         os.ftruncate(fd, end)
-        _step("journal-truncated")
+        step("journal-truncated")
         half = len(data) // 2
         os.pwrite(fd, data[:half], end)
-        _step("journal-half-written")  # a torn append: the crash tests stop here too
+        step("journal-half-written")  # a torn append: the crash tests stop here too
         os.pwrite(fd, data[half:], end + half)
-        _step("journal-written")
+        step("journal-written")
         os.fsync(fd)
     finally:
         os.close(fd)
     if new:
         fsync_path(folder)
-    _step("journal-synced")
+    step("journal-synced")
 
 
 # ---------------------------------------------------------------- snapshots (readers)
@@ -316,20 +313,20 @@ def write_new(con: sqlite3.Connection, folder: Path, index: faiss.Index, identit
               head: dict) -> None:
     """Replace the folder's gallery by ``index`` and its rows (a new generation; ids from 0)."""
     old = header(con)
-    gen = max([old["generation"] if old else 0, *_generations(folder)], default=0) + 1
-    _write_index(folder, index, gen)
+    gen = max([old["generation"] if old else 0, *generations(folder)], default=0) + 1
+    write_index(folder, index, gen)
     n, now = len(identities), time.time()
     con.execute("BEGIN IMMEDIATE")
     if header(con) is None:
-        _create_schema(con)
+        create_schema(con)
     con.execute("DELETE FROM rows")
     con.executemany("INSERT INTO rows (id, identity, path, added_at) VALUES (?, ?, ?, ?)",
                     zip(range(n), identities, paths, [now] * n))
-    _set(con, **head, format=FORMAT, version=VERSION, generation=gen, index_rows=int(index.ntotal),
+    set_values(con, **head, format=FORMAT, version=VERSION, generation=gen, index_rows=int(index.ntotal),
          journal_first_id=n, journal_rows=0, next_id=n, count=n, removed=0)
-    _step("db-written")
+    step("db-written")
     con.execute("COMMIT")
-    _step("committed")
+    step("committed")
     fsync_path(folder)
     tidy(folder, gen)
 
@@ -337,7 +334,7 @@ def write_new(con: sqlite3.Connection, folder: Path, index: faiss.Index, identit
 def append_rows(con: sqlite3.Connection, folder: Path, vectors: np.ndarray, identities: list[str],
                 paths: list[str]) -> np.ndarray:
     """Journal normalised ``vectors`` with their rows; returns the new row ids."""
-    _step("begin")
+    step("begin")
     con.execute("BEGIN IMMEDIATE")
     h = header(con)
     check_files(folder, h)
@@ -346,10 +343,11 @@ def append_rows(con: sqlite3.Connection, folder: Path, vectors: np.ndarray, iden
     now = time.time()
     con.executemany("INSERT INTO rows (id, identity, path, added_at) VALUES (?, ?, ?, ?)",
                     zip(ids.tolist(), identities, paths, [now] * len(ids)))
-    _set(con, journal_rows=h["journal_rows"] + len(ids), next_id=h["next_id"] + len(ids), count=h["count"] + len(ids))
-    _step("db-written")
+    set_values(con, journal_rows=h["journal_rows"] + len(ids), next_id=h["next_id"] + len(ids),
+               count=h["count"] + len(ids))
+    step("db-written")
     con.execute("COMMIT")
-    _step("committed")
+    step("committed")
     return ids
 
 
@@ -363,7 +361,7 @@ def remove_rows(con: sqlite3.Connection, folder: Path, *, identity: str | None =
     if path is not None:
         where.append("path = ?")
         args.append(str(path))
-    _step("begin")
+    step("begin")
     con.execute("BEGIN IMMEDIATE")
     h = header(con)
     check_files(folder, h)
@@ -372,17 +370,17 @@ def remove_rows(con: sqlite3.Connection, folder: Path, *, identity: str | None =
     if n == 0:
         con.execute("ROLLBACK")
         return 0
-    _set(con, count=h["count"] - n, removed=h["removed"] + n)
-    _step("db-written")
+    set_values(con, count=h["count"] - n, removed=h["removed"] + n)
+    step("db-written")
     con.execute("COMMIT")
-    _step("committed")
+    step("committed")
     return n
 
 
 def set_header(con: sqlite3.Connection, **values) -> None:
     """Replace header entries (kind parameters, settings) in one transaction."""
     con.execute("BEGIN IMMEDIATE")
-    _set(con, **values)
+    set_values(con, **values)
     con.execute("COMMIT")
 
 
@@ -393,24 +391,25 @@ def pending(h: dict) -> int:
 
 def compact(con: sqlite3.Connection, folder: Path) -> dict:
     """Fold the journal into a new generation without the removed rows (see the module docstring)."""
-    _step("begin")
+    step("begin")
     t0 = time.perf_counter()
     snap = read_snapshot(folder)
     h = snap.header
     before = folder_bytes(folder)
     gen = h["generation"] + 1
     index = drop_positions(snap.index, snap.removed)
-    _step("index-built")
-    _write_index(folder, index, gen)
+    step("index-built")
+    write_index(folder, index, gen)
     con.execute("BEGIN IMMEDIATE")
     con.execute("DELETE FROM rows WHERE removed = 1")
-    _set(con, generation=gen, index_rows=int(index.ntotal), journal_first_id=h["next_id"], journal_rows=0, removed=0)
-    _step("db-written")
+    set_values(con, generation=gen, index_rows=int(index.ntotal), journal_first_id=h["next_id"], journal_rows=0,
+               removed=0)
+    step("db-written")
     con.execute("COMMIT")
-    _step("committed")
+    step("committed")
     tidy(folder, gen)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # busy (a reader inside) is fine: see docstring
-    _step("checkpointed")
+    step("checkpointed")
     return {"generation": gen, "rows": int(index.ntotal), "folded": h["journal_rows"],
             "dropped": int(snap.removed.sum()),
             "bytes_before": before, "bytes_after": folder_bytes(folder), "seconds": time.perf_counter() - t0}
@@ -440,14 +439,14 @@ def drop_positions(index: faiss.Index, drop: np.ndarray) -> faiss.Index:
     return fresh
 
 
-def _write_index(folder: Path, index: faiss.Index, gen: int) -> None:
+def write_index(folder: Path, index: faiss.Index, gen: int) -> None:
     tmp = folder / f".{index_name(gen)}.tmp"
     faiss.write_index(index, str(tmp))
-    _step("index-written")
+    step("index-written")
     fsync_path(tmp)
     os.replace(tmp, folder / index_name(gen))
     fsync_path(folder)
-    _step("index-synced")
+    step("index-synced")
 
 
 def tidy(folder: Path, gen: int) -> None:
@@ -463,7 +462,7 @@ def tidy(folder: Path, gen: int) -> None:
             p.unlink(missing_ok=True)
     (folder / LEGACY_META).unlink(missing_ok=True)
     fsync_path(folder)
-    _step("old-files-deleted")
+    step("old-files-deleted")
 
 
 def is_gallery_file(name: str) -> bool:
@@ -473,7 +472,7 @@ def is_gallery_file(name: str) -> bool:
             or (name.startswith(".") and name.endswith(".tmp")))
 
 
-def _generations(folder: Path) -> list[int]:
+def generations(folder: Path) -> list[int]:
     if not folder.is_dir():
         return []
     return [int(m.group(2)) for p in folder.iterdir() if (m := GENERATION_FILE.match(p.name))]
@@ -481,93 +480,3 @@ def _generations(folder: Path) -> list[int]:
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.is_symlink())
-
-
-# ---------------------------------------------------------------- format version 1 (meta.json)
-
-
-def read_legacy_meta(folder: Path) -> dict | None:
-    """``meta.json`` of a version-1 folder, checked to be one; ``None`` if the folder has none."""
-    path = folder / LEGACY_META
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FacefuseError(f"{path}: not valid JSON; {REBUILD}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FacefuseError(f"{path}: not a facefuse gallery meta file")
-    return meta
-
-
-def legacy_header(meta: dict) -> dict:
-    """A version-1 ``meta.json`` as a version-2 header (what ``read_meta`` returns of it)."""
-    keep = ("kind", "dim", "model", "params", "count", "index_file", "generation")
-    return {"format": FORMAT, "version": 1, "settings": {}, "removed": 0, "journal_rows": 0,
-            **{k: meta[k] for k in keep if k in meta}}
-
-
-def read_legacy(folder: Path) -> Snapshot:
-    """A consistent snapshot of a version-1 folder (its writers replaced ``meta.json`` atomically
-    and kept the previous generation: a reader that loses the race reads again)."""
-    for _ in range(READ_RETRIES):
-        meta = read_legacy_meta(folder)
-        if meta is None:  # upgraded meanwhile
-            return read_snapshot(folder)
-        index, problem = _legacy_index(folder, meta)
-        if index is not None:
-            n = index.ntotal
-            return Snapshot(legacy_header(meta), np.arange(n, dtype=np.int64), list(meta["identities"]),
-                            list(meta["paths"]), np.zeros(n, bool), index)
-        now = read_legacy_meta(folder) or {}
-        if (now.get("index_file"), now.get("generation")) == (meta.get("index_file"), meta.get("generation")):
-            raise FacefuseError(problem)
-    raise FacefuseError(f"{folder}: changed {READ_RETRIES} times while being read; try again")
-
-
-def _legacy_index(folder: Path, meta: dict) -> tuple[faiss.Index | None, str | None]:
-    path = folder / meta.get("index_file", INDEX_LINK)
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError:
-        return None, f"{path}: {'is missing' if not path.exists() else 'not a faiss index file'}; {REBUILD}"
-    ids, paths = meta.get("identities") or [], meta.get("paths") or []
-    if not (index.ntotal == meta.get("count") == len(ids) == len(paths)):
-        return None, (f"{folder}: {path.name} holds {index.ntotal} vectors but {LEGACY_META} lists {len(ids)} "
-                      f"(count {meta.get('count')}, {len(paths)} paths); {REBUILD}")
-    if meta.get("dim") != index.d:
-        return None, (f"{folder}: {path.name} holds {index.d}-d vectors but {LEGACY_META} says "
-                      f"{meta.get('dim')}-d; {REBUILD}")
-    return index, None
-
-
-def upgrade_legacy(folder: Path) -> bool:
-    """Upgrade a version-1 folder in place (caller holds the lock); ``False`` if it is not one. Its
-    index file becomes generation ``G`` unchanged; the commit of ``gallery.db`` is the switch."""
-    if not (folder / LEGACY_META).is_file() or read_header(folder) is not None:
-        return False
-    meta = read_legacy_meta(folder)
-    index, problem = _legacy_index(folder, meta)
-    if index is None:
-        raise FacefuseError(problem)
-    _step("begin")
-    m = re.match(r"index-(\d+)\.faiss$", meta.get("index_file", ""))
-    gen = int(m.group(1)) if m else max(_generations(folder), default=0) + 1
-    if not m:  # the oldest folders name index.faiss itself: give it a generation name first
-        _write_index(folder, index, gen)
-    n, now = index.ntotal, time.time()
-    with closing(connect(folder, create=True)) as con:
-        con.execute("BEGIN IMMEDIATE")
-        if header(con) is None:
-            _create_schema(con)
-        con.executemany("INSERT INTO rows (id, identity, path, added_at) VALUES (?, ?, ?, ?)",
-                        zip(range(n), meta["identities"], meta["paths"], [now] * n))
-        _set(con, format=FORMAT, version=VERSION, kind=meta["kind"], dim=meta["dim"], model=meta.get("model", {}),
-             params=meta.get("params", {}), settings={}, generation=gen, index_rows=n, journal_first_id=n,
-             journal_rows=0, next_id=n, count=n, removed=0)
-        _step("db-written")
-        con.execute("COMMIT")
-    _step("committed")
-    fsync_path(folder)
-    tidy(folder, gen)
-    return True
