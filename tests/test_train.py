@@ -169,7 +169,7 @@ def test_triton_without_gpu_or_interpreter_is_an_error(faces, tmp_path):
     r = subprocess.run([sys.executable, "-m", "facefuse.cli", "train", "--data", str(faces), "--out",
                         str(tmp_path / "run"), "--kernels", "triton", "--device", "cpu", *TINY],
                        env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and "--kernels triton needs --device cuda" in r.stderr
+    assert r.returncode == 2 and "--kernels triton: needs --device cuda" in r.stderr and "use --kernels torch" in r.stderr
 
 
 @pytest.mark.parametrize("loss", ["adaface", "subcenter_arcface"])
