@@ -22,6 +22,7 @@ the model, the calibration record, an ``embed`` folder and a gallery. Errors are
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,44 @@ class SearchResult(_Result):
 
 
 @dataclass
+class FaceCrop:
+    """One face of a photo: its ``box`` (x0, y0, x1, y1 in photo pixels), the detector's ``score``
+    and ``landmarks`` (five points; None without landmark alignment) and ``image``, the crop the
+    model embeds (aligned to the template; the whole photo with ``align="none"``)."""
+
+    box: tuple[float, float, float, float]
+    score: float | None
+    landmarks: list | None
+    image: object = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"box": [round(float(v), 2) for v in self.box], "score": self.score, "landmarks": self.landmarks}
+
+
+@dataclass
+class FaceResult(_Result):
+    """One face of a searched photo: where it is and who it is (``unknown`` below ``threshold``)."""
+
+    box: list
+    detection_score: float | None
+    landmarks: list | None
+    identity: str
+    score: float | None
+    matches: list[Match]
+    threshold: float | None
+
+
+@dataclass
+class PhotoSearch(_Result):
+    """Every face found in one photo, largest first (none: ``faces`` is empty and ``note`` says so)."""
+
+    faces: list[FaceResult]
+    width: int
+    height: int
+    note: str | None = None
+
+
+@dataclass
 class Enrolment(_Result):
     """What a build or an add changed, and what the gallery holds now."""
 
@@ -160,6 +199,31 @@ class Model:
             return emb
         return _embed_in_memory(self.embedder, [_as_pil(i) for i in items], settings)
 
+    def faces(self, image) -> list[FaceCrop]:
+        """The faces of one photo (a path, PIL image or array), largest first, each brought to the
+        template by ``settings.align``: every detected face with ``landmarks``, the largest Haar box
+        with ``haar`` (none found: the whole photo), the whole photo with ``none``."""
+        im = _as_pil(image)
+        w, h = im.size
+        if self.settings.align == "landmarks":
+            return [FaceCrop(f.box, float(f.score), np.asarray(f.landmarks).round(2).tolist(), crop)
+                    for f, crop in _landmark_aligner(self.meta.image_size).faces(im)]
+        if self.settings.align == "haar":
+            from facefuse.core.facecrop import HaarFaceCrop
+
+            step = HaarFaceCrop()
+            box = step.box(im)
+            if box is not None:
+                x, y, bw, bh = box
+                return [FaceCrop((x, y, x + bw, y + bh), None, None, step(im))]
+        return [FaceCrop((0.0, 0.0, float(w), float(h)), None, None, im)]
+
+    def embed_faces(self, faces: list[FaceCrop]) -> np.ndarray:
+        """Embeddings of :meth:`faces` crops (already brought to the template: no alignment again)."""
+        if not faces:
+            return np.zeros((0, self.dim), np.float32)
+        return _embed_in_memory(self.embedder, [f.image for f in faces], self.settings.replace(align="none"))
+
     def verify(self, a, b, *, threshold: float | None = None, far: float | None = None) -> Verification:
         """Compare two photos (paths, PIL images or arrays) at ``threshold``, else the model's
         calibrated threshold (at ``far``)."""
@@ -202,6 +266,14 @@ def load_model(path: str | Path, settings: EmbedSettings | None = None, *, devic
     """A model from an exported ``.onnx`` file or a checkpoint / run folder, embedding under
     ``settings`` with ``changes`` (``flip=True``, ``align="landmarks"``, ...)."""
     return Model(path, (settings or EmbedSettings()).replace(**changes), device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def _landmark_aligner(size: int):
+    """One landmark aligner per crop size in a process (its detector loads its weights once)."""
+    from facefuse.align import LandmarkAlign
+
+    return LandmarkAlign(size=size)
 
 
 def _as_pil(image):
@@ -294,6 +366,65 @@ class Gallery:
         g, added = add_embeddings_to_index_folder(self.folder, embeddings, labels)
         return _enrolment(self.folder, g, added, 0)
 
+    @property
+    def settings(self) -> EmbedSettings:
+        """How the gallery's rows were embedded (adds and searches embed alike)."""
+        from facefuse.index.enroll import gallery_settings
+        from facefuse.index.gallery import read_meta
+
+        return gallery_settings(read_meta(self.folder))
+
+    def snapshot(self):
+        """The gallery as of now (``index.gallery.Gallery``), loaded again only when a write has
+        changed the folder since the last call: a resident process searches without re-reading."""
+        from facefuse.index.gallery import load_gallery, read_meta
+
+        meta = read_meta(self.folder)
+        key = tuple(meta.get(k) for k in ("generation", "count", "journal_rows", "removed"))
+        if getattr(self, "_snap_key", None) != key:
+            m = self.model
+            self._snap = load_gallery(self.folder, fingerprint=m.fingerprint, dim=m.dim)
+            self._snap_key = key
+        return self._snap
+
+    def search_vectors(self, vectors, *, top_k: int = 5, threshold: float | None = None, far: float | None = None,
+                       nprobe: int | None = None, ef_search: int | None = None) -> list[dict]:
+        """Top-``top_k`` identities of each embedding (rows made as the gallery's own): the dicts of
+        ``index.gallery.search_gallery`` with the ``threshold`` decided at."""
+        from facefuse.index.gallery import search_gallery
+        from facefuse.verification.thresholds import resolve_threshold
+
+        t, _ = resolve_threshold(self.model.meta, threshold, far, self.model.path.name)
+        if len(vectors) == 0:
+            return []
+        hits = search_gallery(self.snapshot(), np.asarray(vectors, np.float32), top_k, t, nprobe=nprobe,
+                              ef_search=ef_search)
+        return [{**h, "threshold": t} for h in hits]
+
+    def search_photo(self, image, *, align: str | None = None, top_k: int = 5, threshold: float | None = None,
+                     far: float | None = None) -> PhotoSearch:
+        """Identify every face of one photo as taken (a path, PIL image or array): faces found and
+        brought to the template by ``align`` (default: the gallery's own setting), each searched."""
+        im = _as_pil(image)
+        model = self.model.with_settings(**{**self.settings.vectors(), "center": False,
+                                            **({"align": align} if align else {})})
+        faces = model.faces(im)
+        hits = self.search_vectors(model.embed_faces(faces), top_k=top_k, threshold=threshold, far=far)
+        results = [FaceResult(f.to_dict()["box"], f.score, f.landmarks, h["identity"], h["score"],
+                              [Match(**m) for m in h["matches"]], h["threshold"]) for f, h in zip(faces, hits)]
+        return PhotoSearch(results, im.width, im.height, None if faces else "no face found")
+
+    def add_vectors(self, vectors, identities: list[str], paths: list[str]) -> Enrolment:
+        """Enrol embeddings made as the gallery's own rows (e.g. by ``model.embed_faces``), one
+        identity and one source path (or any label of where the face came from) per row; durable
+        when this returns, and only these rows are written."""
+        from facefuse.index.gallery import add_to_gallery, load_gallery
+
+        m = self.model
+        add_to_gallery(self.folder, np.asarray(vectors, np.float32), list(identities), [str(p) for p in paths],
+                       fingerprint=m.fingerprint, dim=m.dim)
+        return _enrolment(self.folder, load_gallery(self.folder), len(vectors), 0)
+
     def search(self, images, *, top_k: int = 5, threshold: float | None = None, far: float | None = None,
                nprobe: int | None = None, ef_search: int | None = None) -> list[SearchResult]:
         """The ``top_k`` nearest identities of each query image (folders expanded); ``unknown`` below
@@ -304,6 +435,23 @@ class Gallery:
                              far=far, nprobe=nprobe, ef_search=ef_search, batch_size=self.batch_size,
                              workers=self.workers)
         return [SearchResult.from_dict(h) for h in hits]
+
+
+    def remove(self, *, identity: str | None = None, image: str | Path | None = None) -> int:
+        """Forget ``identity`` (every row of it) or the rows enrolled from ``image`` (both: that
+        identity's rows from that image). Gone from searches when this returns; gone from the files
+        on disk at the next compaction (:meth:`compact`, or automatic past
+        ``index.store.AUTO_COMPACT_ROWS`` pending rows). Returns the rows removed."""
+        from facefuse.index.gallery import remove_from_gallery
+
+        return remove_from_gallery(self.folder, identity=identity, path=image)
+
+    def compact(self) -> dict:
+        """Fold the journal of adds and removes into a new index generation: removed faces leave
+        the files. Returns what it did (rows, folded, dropped, bytes before and after, seconds)."""
+        from facefuse.index.gallery import compact_gallery
+
+        return compact_gallery(self.folder)
 
 
 def build_gallery(source, out: str | Path, model: Model | str | Path | None = None, *, labels=None,

@@ -403,6 +403,37 @@ def index_add(index_dir, images, model, identity, embeddings, labels, batch_size
     click.echo(f"added {e.added} {what}; {index_dir} now holds {e.size} images of {e.identities} identities")
 
 
+@index_group.command("remove")
+@click.argument("index_dir", type=click.Path())
+@click.option("--identity", help="Forget this person: every image enrolled under the name.")
+@click.option("--image", "path", type=click.Path(), help="Forget the face enrolled from this image path (with "
+              "--identity: only that person's).")
+def index_remove(index_dir, identity, path):
+    """Remove a person or an image from INDEX_DIR. Searches stop finding them at once; their
+    vectors, names and paths leave the files on disk at the next compaction (automatic once
+    enough adds and removes are pending, or `facefuse index compact`)."""
+    from facefuse import api
+
+    if identity is None and path is None:
+        raise click.UsageError("give --identity NAME, --image PATH or both")
+    n = api.open_gallery(index_dir).remove(identity=identity, image=path)
+    click.echo(f"removed {n} image(s) of {identity or path} from {index_dir}; gone from searches now, "
+               "from the files at the next compaction")
+
+
+@index_group.command("compact")
+@click.argument("index_dir", type=click.Path())
+def index_compact(index_dir):
+    """Fold the journal of adds and removes of INDEX_DIR into a new index generation: removed
+    people leave the files on disk. Searches go on meanwhile."""
+    from facefuse import api
+
+    r = api.open_gallery(index_dir).compact()
+    click.echo(f"compacted {index_dir}: {r['rows']} images in generation {r['generation']}; folded {r['folded']} "
+               f"journalled, dropped {r['dropped']} removed; {r['bytes_before']} -> {r['bytes_after']} bytes "
+               f"in {r['seconds']:.2f} s")
+
+
 @main.command("search")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--index", "index_dir", required=True, type=click.Path(), help="Index folder from `index build`.")
