@@ -92,6 +92,7 @@ class SearchResult(_Result):
     matches: list[Match]
     threshold: float | None
     note: str | None = None
+    faces: list | None = None  # every face found (FaceResult), when the photo was searched face by face
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchResult":
@@ -100,8 +101,9 @@ class SearchResult(_Result):
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["note"] is None:
-            del d["note"]
+        for key in ("note", "faces"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -408,11 +410,16 @@ class Gallery:
         im = _as_pil(image)
         model = self.model.with_settings(**{**self.settings.vectors(), "center": False,
                                             **({"align": align} if align else {})})
+        from facefuse.verification.thresholds import calibration_mismatch
+
         faces = model.faces(im)
         hits = self.search_vectors(model.embed_faces(faces), top_k=top_k, threshold=threshold, far=far)
         results = [FaceResult(f.to_dict()["box"], f.score, f.landmarks, h["identity"], h["score"],
                               [Match(**m) for m in h["matches"]], h["threshold"]) for f, h in zip(faces, hits)]
-        return PhotoSearch(results, im.width, im.height, None if faces else "no face found")
+        stored = threshold is None and bool((model.meta.thresholds or {}).get("at_far"))
+        notes = ([] if faces else ["no face found"]) + (
+            [calibration_mismatch(model.meta, model.settings)] if stored else [])
+        return PhotoSearch(results, im.width, im.height, "; ".join(n for n in notes if n) or None)
 
     def add_vectors(self, vectors, identities: list[str], paths: list[str]) -> Enrolment:
         """Enrol embeddings made as the gallery's own rows (e.g. by ``model.embed_faces``), one
@@ -426,15 +433,30 @@ class Gallery:
         return _enrolment(self.folder, load_gallery(self.folder), len(vectors), 0)
 
     def search(self, images, *, top_k: int = 5, threshold: float | None = None, far: float | None = None,
-               nprobe: int | None = None, ef_search: int | None = None) -> list[SearchResult]:
+               nprobe: int | None = None, ef_search: int | None = None, align: str | None = None
+               ) -> list[SearchResult]:
         """The ``top_k`` nearest identities of each query image (folders expanded); ``unknown`` below
-        ``threshold``, else the model's calibrated threshold (at ``far``)."""
-        from facefuse.index.enroll import search_images
+        ``threshold``, else the model's calibrated threshold (at ``far``). Queries are embedded as
+        the gallery's rows were, or brought to the template by ``align``. With landmark alignment
+        each photo is searched face by face: the result is its largest face's, and ``faces`` lists
+        every face found (``note`` says when there was none or several)."""
+        from facefuse.index.enroll import expand_images, search_images
 
-        hits = search_images(_listed(images), self.folder, self.model.embedder, top_k=top_k, threshold=threshold,
-                             far=far, nprobe=nprobe, ef_search=ef_search, batch_size=self.batch_size,
-                             workers=self.workers)
-        return [SearchResult.from_dict(h) for h in hits]
+        if (align or self.settings.align) != "landmarks":
+            hits = search_images(_listed(images), self.folder, self.model.embedder, top_k=top_k,
+                                 threshold=threshold, far=far, nprobe=nprobe, ef_search=ef_search,
+                                 batch_size=self.batch_size, workers=self.workers, align=align)
+            return [SearchResult.from_dict(h) for h in hits]
+        out = []
+        for path in expand_images(_listed(images)):
+            photo = self.search_photo(path, align="landmarks", top_k=top_k, threshold=threshold, far=far)
+            first = photo.faces[0] if photo.faces else None
+            note = photo.note or (f"{len(photo.faces)} faces; the largest is the answer" if len(photo.faces) > 1
+                                  else None)
+            out.append(SearchResult(str(path), first.identity if first else "unknown", first.score if first else None,
+                                    first.matches if first else [], first.threshold if first else None, note,
+                                    photo.faces))
+        return out
 
 
     def remove(self, *, identity: str | None = None, image: str | Path | None = None) -> int:
@@ -503,6 +525,14 @@ def embed_to_folder(source, model: str | Path, out: str | Path, settings: EmbedS
     from facefuse.export.extract import extract_embeddings
 
     return extract_embeddings(source, model, out, (settings or EmbedSettings()).replace(**changes))
+
+
+def align_folder(src, out, **options):
+    """Raw photos in identity folders -> trainable template crops, with a manifest
+    (``facefuse.align.folder.align_folder``)."""
+    from facefuse.align import folder
+
+    return folder.align_folder(src, out, **options)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, **options):

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import typing
+from pathlib import Path
 
 import click
 
@@ -309,6 +310,36 @@ def embed_cmd(source, model, out, **options):
         click.echo(f"embedded {r.count} images (dim {r.dim}) on {r.world_size} process(es) into {r.out}")
 
 
+@main.command("align")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--detector", default="mtcnn", show_default=True,
+              help="Five-landmark face detector (facefuse.align.DETECTORS; e.g. mtcnn, dlib-hog, dlib-cnn).")
+@click.option("--size", type=click.IntRange(min=16), default=112, show_default=True, help="Crop side in pixels.")
+@click.option("--workers", type=click.IntRange(min=0), help="Worker processes (default: one per core; 0: none).")
+@click.option("--on-none", type=click.Choice(["skip", "center", "error"]), default="skip", show_default=True,
+              help="A photo without a face: no crop, the photo's centre square, or stop with an error.")
+@click.option("--on-multiple", type=click.Choice(["largest", "skip"]), default="largest", show_default=True,
+              help="A photo with several faces: align the largest, or write no crop.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def align_cmd(src, out, detector, size, workers, on_none, on_multiple, as_json):
+    """Align the raw photos of SRC (identity folders, any depth) into trainable template crops in
+    OUT (same layout, JPEG), with OUT/manifest.jsonl (per photo: box, score, landmarks, the face
+    kept or why none). Resumable: photos already in the manifest are skipped. `facefuse train
+    --data OUT` then trains on the crops."""
+    from facefuse import api
+
+    r = api.align_folder(src, out, detector=detector, size=size, workers=workers, on_none=on_none,
+                         on_multiple=on_multiple, progress=True)
+    if as_json:
+        click.echo(json.dumps(r.to_dict()))
+        return
+    click.echo(f"aligned {r.aligned} of {r.photos} photos into {out} in {r.seconds:.1f} s"
+               + (f" ({r.done_before} done before)" if r.done_before else "")
+               + f"; several faces (largest kept) {r.several_faces}, no face {r.no_face}, centre crop {r.center}, "
+               f"several faces skipped {r.multiple_skipped}, unreadable {r.bad_image}")
+
+
 @main.group("index")
 def index_group():
     """Build and extend an on-disk gallery index (one folder: meta.json + the faiss index it names)."""
@@ -444,24 +475,40 @@ def index_compact(index_dir):
 @click.option("--far", type=float, help="Use the model's threshold calibrated at this false accept rate.")
 @click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists visited per query (default: the index's own).")
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW candidates per query (default: the index's own).")
+@click.option("--align", "--detect", "align", type=click.Choice(list(ALIGNMENTS)),
+              help="How the query photos are brought to the face template (default: as the index's images were). "
+                   "landmarks finds every face of a photo and identifies each.")
+@click.option("--draw", type=click.Path(), help="Write the (one) photo with every face's box and name to this image.")
 @settings_options("batch_size", "workers")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def search_cmd(images, index_dir, model, top_k, threshold, far, nprobe, ef_search, batch_size, workers, as_json):
-    """Identify each face in IMAGES (files or folders) against a gallery index."""
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (with landmarks: every face).")
+def search_cmd(images, index_dir, model, top_k, threshold, far, nprobe, ef_search, align, draw, batch_size, workers,
+               as_json):
+    """Identify the faces in IMAGES (files or folders) against a gallery index: with landmark
+    alignment (the index's, or --align landmarks) every face of a photo, else the photo as one face."""
     from facefuse import api
 
     gallery = api.open_gallery(index_dir, model)
     gallery.batch_size, gallery.workers = batch_size, workers
+    if draw and (len(images) != 1 or not Path(images[0]).is_file()):
+        raise FacefuseError("--draw: give exactly one photo to draw on")
     results = gallery.search(list(images), top_k=top_k, threshold=threshold, far=far, nprobe=nprobe,
-                             ef_search=ef_search)
-    if results and results[0].note:
+                             ef_search=ef_search, align=align)
+    if results and results[0].note and not results[0].faces:
         click.echo(f"warning: {results[0].note}", err=True)
+    if draw:
+        from facefuse.core.draw import draw_faces
+
+        draw_faces(images[0], results[0], draw)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=1))
         return
     for r in results:
-        top = ", ".join(f"{m.identity} {m.score:.3f}" for m in r.matches)
-        click.echo(f"{r.path}\t{r.identity}\t[{top}]")
+        for i, face in enumerate(r.faces or [r]):
+            top = ", ".join(f"{m.identity} {m.score:.3f}" for m in face.matches)
+            where = f"\tface {i + 1} at {','.join(str(round(v)) for v in face.box)}" if r.faces else ""
+            click.echo(f"{r.path}{where}\t{face.identity}\t[{top}]")
+        if r.faces == []:
+            click.echo(f"{r.path}\tno face found")
 
 
 @main.command("verify")

@@ -248,9 +248,11 @@ def add_embeddings_to_index_folder(index_dir: str | Path, embeddings: str | Path
 
 def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5, threshold: float | None = None,
                   far: float | None = None, nprobe: int | None = None, ef_search: int | None = None,
-                  batch_size: int | None = None, workers: int | None = None) -> list[dict]:
+                  batch_size: int | None = None, workers: int | None = None,
+                  align: str | None = None) -> list[dict]:
     """Identify each query image (folders expanded) against the gallery in one batched call, the
-    queries embedded with the gallery's own settings. Each result is
+    queries embedded with the gallery's own settings (``align``: another alignment for the queries,
+    e.g. ``landmarks`` for photos against a gallery of template crops). Each result is
     :func:`index.gallery.search_gallery`'s dict plus the query ``path`` and the ``threshold`` below
     which the answer is ``unknown``: ``threshold`` if given, else the model's calibrated one (at
     ``far``; :func:`verification.thresholds.stored_threshold`), else none. A calibrated threshold
@@ -262,7 +264,7 @@ def search_images(images, index_dir: str | Path, embedder, *, top_k: int = 5, th
     paths = expand_images(images)
     gallery = load_gallery(index_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
     settings = gallery_settings({"settings": getattr(gallery, "settings", None), "params": gallery.params})
-    settings = settings.replace(batch_size=batch_size, workers=workers, skip_missing=False)
+    settings = settings.replace(batch_size=batch_size, workers=workers, skip_missing=False, align=align)
     note = calibration_mismatch(embedder.meta, settings) if threshold is not None and not given else None
     emb, _ = embedder.embed_paths(paths, settings)
     results = search_gallery(gallery, emb, top_k, threshold, nprobe=nprobe, ef_search=ef_search)
