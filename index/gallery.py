@@ -107,7 +107,7 @@ class Gallery:
     def __len__(self) -> int:
         if self._header is not None:
             return self._header["count"] + sum(len(p[0]) for p in self.pending)
-        return len(self._ids) - int(self.removed.sum())
+        return len(self._ids) - int(np.count_nonzero(self.removed))
 
     @property
     def dim(self) -> int:
@@ -155,6 +155,8 @@ class Gallery:
         if not (len(identities) == len(paths) == len(embeddings)):
             raise ValueError("one identity and one path per embedding")
         ids, paths = list(identities), [str(p) for p in paths]
+        if self._folder is None:
+            self._read()  # a folder's gallery after its update_gallery block: adds go to memory only
         at = 0
         for block in S.iter_chunks(embeddings):
             part = (block, ids[at:at + len(block)], paths[at:at + len(block)])

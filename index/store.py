@@ -4,8 +4,9 @@ append-only journal. :mod:`index.gallery` is the interface; this module is the s
 Files of a folder:
 
 ``gallery.db``          SQLite in WAL mode. ``meta`` (key -> JSON): format, version, kind, dim, model,
-                        params, settings, generation, journal_first_id, journal_rows, next_id, count
-                        (live rows), removed (rows removed since the last compaction). ``rows``: one
+                        params, settings, generation, index_rows, journal_first_id, journal_rows,
+                        next_id, count (live rows), removed (rows removed since the last
+                        compaction). ``rows``: one
                         per enrolled vector: a stable ``id`` (never reused), identity, path,
                         ``removed`` (0/1) and the times it was added and removed.
 ``index-<G>.faiss``     generation ``G``: the vectors of the rows with ``id < journal_first_id``, at
@@ -31,7 +32,9 @@ on power loss; enrolment pays one fsync for that.)
   are rebuilt from their reconstructed vectors with the trained quantisers kept) under a temp
   name, fsync, rename; then one transaction deletes the removed rows and names ``G+1``; then the
   old generation files are deleted and the WAL is truncated, so a removed row's identity, path and
-  vector are no longer on disk (SQLite runs with ``secure_delete`` so freed pages are zeroed).
+  vector are no longer on disk (SQLite runs with ``secure_delete`` so freed pages are zeroed; a
+  reader inside the WAL at that moment keeps it from being truncated, and the next checkpoint, at
+  the latest when the last connection closes, writes over it).
 - :func:`write_new`: a whole gallery as a new generation (``save_gallery``).
 
 Readers take no lock: one read transaction gives the header and rows (WAL readers see the last

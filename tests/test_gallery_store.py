@@ -111,6 +111,8 @@ def test_update_gallery_reads_no_index_and_keeps_settings(tmp_path, monkeypatch)
         g.settings["flip"] = True
     assert len(g) == 40 and g.added_ids.tolist() == list(range(30, 40))
     monkeypatch.setattr(store, "read_snapshot", real)
+    g.add(x[:2], ["c"] * 2, ["", ""])  # after the block: in memory only
+    assert len(g) == 42 and g.identities[-3:] == ["b", "c", "c"] and read_meta(folder)["count"] == 40
     assert read_meta(folder)["settings"] == {"flip": True} == load_gallery(folder).settings
     with pytest.raises(FacefuseError, match="built with model f but this model is z"):
         add_to_gallery(folder, x[:1], ["c"], [""], fingerprint="z")
