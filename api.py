@@ -204,7 +204,7 @@ class Model:
     def faces(self, image) -> list[FaceCrop]:
         """The faces of one photo (a path, PIL image or array), largest first, each brought to the
         template by ``settings.align``: every detected face with ``landmarks``, the largest Haar box
-        with ``haar`` (none found: the whole photo), the whole photo with ``none``."""
+        with ``haar``, the whole photo with ``none`` (an empty list: no face found)."""
         im = _as_pil(image)
         w, h = im.size
         if self.settings.align == "landmarks":
@@ -215,9 +215,11 @@ class Model:
 
             step = HaarFaceCrop()
             box = step.box(im)
-            if box is not None:
-                x, y, bw, bh = box
-                return [FaceCrop((x, y, x + bw, y + bh), None, None, step(im))]
+            if box is None:
+                return []
+            x, y, bw, bh = box
+            crop = im.crop(tuple(int(round(v)) for v in step.crop_box(box)))
+            return [FaceCrop((x, y, x + bw, y + bh), None, None, crop)]
         return [FaceCrop((0.0, 0.0, float(w), float(h)), None, None, im)]
 
     def embed_faces(self, faces: list[FaceCrop]) -> np.ndarray:
@@ -234,10 +236,24 @@ class Model:
         if self.settings.center:
             raise ParameterError("center", True, "centring needs a set of images; verify a pairs file instead")
         t, source = resolve_threshold(self.meta, threshold, far, self.path.name)
-        ea, eb = self.embed([a, b])
+        notes = []
+        if self.settings.align == "none":
+            ea, eb = self.embed([a, b])
+        else:  # the largest face of each photo; say when a photo had none or several
+            crops = []
+            for name, image in (("a", a), ("b", b)):
+                im = _as_pil(image)
+                faces = self.faces(im)
+                if len(faces) != 1:
+                    notes.append(f"{name}: " + (f"{len(faces)} faces, the largest compared" if faces else
+                                                "no face found, the whole photo compared"))
+                crops.append(faces[0] if faces else FaceCrop((0, 0, im.width, im.height), None, None, im))
+            ea, eb = self.embed_faces(crops)
         score = float(ea @ eb)
-        note = calibration_mismatch(self.meta, self.settings) if threshold is None and t is not None else None
-        return Verification(score, None if t is None else bool(score >= np.float32(t)), t, source, note)
+        if threshold is None and t is not None:
+            notes.append(calibration_mismatch(self.meta, self.settings))
+        return Verification(score, None if t is None else bool(score >= np.float32(t)), t, source,
+                            "; ".join(n for n in notes if n) or None)
 
     def verify_pairs(self, pairs, *, root: str | Path | None = None, threshold: float | None = None,
                      far: float | None = None, progress: bool = False) -> PairsReport:

@@ -35,8 +35,8 @@ def embed_batch_tta(embed_batch: Callable, x: torch.Tensor, flip: bool) -> np.nd
 
 
 def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, settings: EmbedSettings = EmbedSettings(),
-                where: dict | None = None, progress: Callable[[int], object] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+                where: dict | None = None, progress: Callable[[int], object] | None = None,
+                found: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Embed image files; decoding runs in ``settings.workers`` DataLoader workers, ``settings.batch_size``
     images at a time, with ``settings.flip`` test-time augmentation (``transform`` already holds the
     model's preprocessing and any face alignment).
@@ -46,6 +46,9 @@ def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, settings: 
     ``where[path]``, e.g. ``"pairs.txt:17"``, when given) unless ``settings.skip_missing``. Missing
     files are found before any decoding starts, so that error comes at once. ``progress(n)`` is called
     after each batch with the number of images it embedded (e.g. a tqdm bar's ``update``).
+
+    ``transform`` may return ``(tensor, faces)`` instead of a tensor (a face-finding step saying how
+    many faces it saw); with ``found`` given, ``found[i]`` is then that count for image ``i``.
     """
     skip_missing = settings.skip_missing
     paths = [Path(p) for p in paths]
@@ -59,7 +62,9 @@ def embed_paths(embed_batch: Callable, paths, transform, *, dim: int, settings: 
     if todo:
         loader = DataLoader(_Images([paths[i] for i in todo], transform), batch_size=settings.batch_size,
                             num_workers=_workers(settings.workers, len(todo)), collate_fn=_collate)
-        for idx, x, bad in loader:
+        for idx, x, bad, counts in loader:
+            if found is not None:
+                found.update((todo[j], n) for j, n in zip(idx, counts) if n is not None)
             errors.update((todo[j], msg) for j, msg in bad)
             if errors and not skip_missing:
                 break  # fail early: no point embedding the rest
@@ -99,7 +104,8 @@ def _listing(errors: dict, paths, where, kind: str) -> str:
 
 
 class _Images(Dataset):
-    """(index, tensor or None, error message or None) per path: a bad image never stops a worker."""
+    """(index, tensor or None, error message or None, faces found or None) per path: a bad image
+    never stops a worker."""
 
     def __init__(self, paths: list[Path], transform):
         self.paths, self.transform = paths, transform
@@ -109,13 +115,15 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(open_rgb(self.paths[i])), None
+            out = self.transform(open_rgb(self.paths[i]))
         except BadImageError as exc:
-            return i, None, str(exc)
+            return i, None, str(exc), None
+        x, faces = out if isinstance(out, tuple) else (out, None)
+        return i, x, None, faces
 
 
 def _collate(items):
-    good = [(i, x) for i, x, err in items if err is None]
-    bad = [(i, err) for i, _, err in items if err is not None]
-    x = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], x, bad
+    good = [(i, x, n) for i, x, err, n in items if err is None]
+    bad = [(i, err) for i, _, err, _ in items if err is not None]
+    x = torch.stack([x for _, x, _ in good]) if good else None
+    return [i for i, _, _ in good], x, bad, [n for _, _, n in good]

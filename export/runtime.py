@@ -47,16 +47,17 @@ class Embedder(ABC):
     def fingerprint(self) -> str:
         return self.meta.fingerprint
 
-    def transform(self, settings: EmbedSettings = EmbedSettings()):
+    def transform(self, settings: EmbedSettings = EmbedSettings(), count_faces: bool = False):
         """PIL RGB image -> model input tensor 3 x S x S: the face alignment of ``settings.align``
-        (:func:`face_step`), then the model's resize and normalisation (channel order applied)."""
+        (:func:`face_step`), then the model's resize and normalisation (channel order applied).
+        ``count_faces``: the transform returns ``(tensor, faces found)`` when it aligns."""
         base = eval_transform(self.meta.image_size, self.meta.mean, self.meta.std)
-        step = face_step(settings.align, self.meta.image_size)
-        if step is not None:
-            base = _Then(step, base)
         if self.meta.channel_order.upper() == "BGR":
-            return _Then(base, _flip_channels)
-        return base
+            base = _Then(base, _flip_channels)
+        step = face_step(settings.align, self.meta.image_size)
+        if step is None:
+            return base
+        return _Counted(step, base) if count_faces else _Then(step, base)
 
     def embed_tensor(self, x, *, flip: bool = False, normalize: bool = True) -> np.ndarray:
         """Embed a preprocessed batch (B x 3 x S x S, any float dtype, numpy or torch).
@@ -70,12 +71,14 @@ class Embedder(ABC):
         return l2_normalize(e) if normalize else e
 
     def embed_paths(self, paths, settings: EmbedSettings = EmbedSettings(), *, where: dict | None = None,
-                    progress=None, **changes) -> tuple[np.ndarray, np.ndarray]:
+                    progress=None, found: dict | None = None, **changes) -> tuple[np.ndarray, np.ndarray]:
         """Embed image files with this model under ``settings`` (``changes`` override its fields,
-        e.g. ``workers=0``): :func:`facefuse.core.embed.embed_paths`."""
+        e.g. ``workers=0``): :func:`facefuse.core.embed.embed_paths`. ``found``: filled with the faces
+        the alignment step saw per image index (with ``align`` other than ``none``)."""
         settings = settings.replace(**changes)
-        return embed_paths(self._run, paths, self.transform(settings), dim=self.dim, settings=settings,
-                           where=where, progress=progress)
+        transform = self.transform(settings, count_faces=found is not None)
+        return embed_paths(self._run, paths, transform, dim=self.dim, settings=settings, where=where,
+                           progress=progress, found=found)
 
 
 def face_step(align: str, size: int = 112):
@@ -94,6 +97,23 @@ def face_step(align: str, size: int = 112):
 
 def _flip_channels(t: torch.Tensor) -> torch.Tensor:
     return t.flip(0)
+
+
+class _Counted:
+    """``(then(step(image)), faces the step found)``, picklable: a landmark step reports every face
+    it detected (the largest is used), the Haar crop 1 or 0."""
+
+    def __init__(self, step, then):
+        self.step, self.then = step, then
+
+    def __call__(self, image):
+        if hasattr(self.step, "align"):
+            a = self.step.align(image)
+            return self.then(a.image), a.n_faces
+        box = self.step.box(image)
+        if box is None:
+            return self.then(image), 0
+        return self.then(image.crop(tuple(int(round(v)) for v in self.step.crop_box(box)))), 1
 
 
 class _Then:

@@ -108,3 +108,25 @@ def test_align_cli_crops_train(photos, tmp_path):
                 "--workers", 0, "--no-progress", "--val-fraction", 0, "--device", "cpu")
     assert t.exit_code == 0, t.output
     assert_one_line_error(run_cli("align", tmp_path / "nothing", tmp_path / "c2"), "nothing")
+
+
+def test_verify_uses_the_largest_face_and_says_when_there_were_several_or_none(photos, tmp_path):
+    root, model, people, firsts = photos
+    m = facefuse.load_model(model, align="landmarks", workers=0)
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (200, 160), (128, 128, 128)).save(grey)
+    v = m.verify(root / "group.jpg", firsts[0])
+    from facefuse.align import LandmarkAlign
+
+    crops = [LandmarkAlign(size=112).faces(Image.open(p).convert("RGB"))[0][1] for p in (root / "group.jpg", firsts[0])]
+    e = facefuse.load_model(model, workers=0).embed(crops)
+    assert v.score == pytest.approx(float(e[0] @ e[1]), abs=1e-5)
+    assert v.note.startswith("a: ") and "faces, the largest compared" in v.note and "b:" not in v.note
+    assert "b: no face found, the whole photo compared" in m.verify(firsts[0], grey).note
+    # a pairs file: counted over its images
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{root / 'group.jpg'} {firsts[0]} 1\n{firsts[1]} {grey} 0\n")
+    r = run_cli("verify", pairs, "--model", model, "--align", "landmarks", "--json", "--workers", 0)
+    assert r.exit_code == 0, r.output
+    assert "1 of 4 images had no face found (used whole), 1 had several faces (the largest used)" in \
+        json.loads(r.stdout)["note"]

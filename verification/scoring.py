@@ -87,26 +87,36 @@ def check_finite(emb: np.ndarray, ok: np.ndarray, images, where: dict | None = N
 
 
 def embed_checked(embedder, images, settings: EmbedSettings = EmbedSettings(), *, where: dict | None = None,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool = False, found: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``embedder.embed_paths`` with a progress bar on stderr (tqdm; shown on a terminal only) and
-    the non-finite check."""
+    the non-finite check (``found``: faces seen per image, as ``embed_paths`` fills it)."""
     from tqdm import tqdm
 
     with tqdm(total=len(images), unit="img", desc="embedding", leave=False,
               disable=None if progress else True) as bar:
-        emb, ok = embedder.embed_paths(images, settings, where=where, progress=bar.update)
+        emb, ok = embedder.embed_paths(images, settings, where=where, progress=bar.update, found=found)
     check_finite(emb, ok, images, where)
     return emb, ok
 
 
+def faces_note(found: dict, n_images: int) -> str | None:
+    """``"2 of 807 images had no face found (used whole), 114 several (the largest used)"``, or None."""
+    none = sum(1 for n in found.values() if n == 0)
+    several = sum(1 for n in found.values() if n > 1)
+    if not (none or several):
+        return None
+    return (f"{none} of {n_images} images had no face found (used whole), {several} had several faces "
+            "(the largest used)")
+
+
 def score_pairs(pairs: Pairs, embedder, settings: EmbedSettings = EmbedSettings(),
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+                progress: bool = False, found: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(scores, scored, skipped images)`` for every pair: each distinct image embedded once
     (``settings.center``: then centred on the mean of them all, ``core.vectors.center_rows``)."""
     from facefuse.core.vectors import center_rows
 
     where = {p: f"{pairs.source.name}:{n}" for p, n in pairs.first_lines().items()}
-    emb, ok = embed_checked(embedder, pairs.images, settings, where=where, progress=progress)
+    emb, ok = embed_checked(embedder, pairs.images, settings, where=where, progress=progress, found=found)
     if settings.center:
         emb = center_rows(emb, ok, where=pairs.source.name)
     scores = pair_scores(emb, pairs.ia, pairs.ib, ok)
@@ -132,7 +142,8 @@ def verify_pairs(pairs_file: str | Path | Pairs, embedder, settings: EmbedSettin
     mismatch = calibration_mismatch(embedder.meta, settings) if threshold is None and t is not None else None
     pairs = pairs_file if isinstance(pairs_file, Pairs) else read_pairs(pairs_file, root=root)
     t0 = time.perf_counter()
-    scores, scored, skipped = score_pairs(pairs, embedder, settings, progress=progress)
+    found = {} if settings.align != "none" else None
+    scores, scored, skipped = score_pairs(pairs, embedder, settings, progress=progress, found=found)
     seconds = time.perf_counter() - t0
     result_metrics = rates = note = None
     if pairs.labels is not None:
@@ -151,8 +162,8 @@ def verify_pairs(pairs_file: str | Path | Pairs, embedder, settings: EmbedSettin
                 t, source = result_metrics["best_threshold"], "best accuracy on these pairs"
         if t is not None:
             rates = metrics.rates_at_threshold(s, y, t)
-    if mismatch:
-        note = f"{note}; {mismatch}" if note else mismatch
+    notes = [n for n in (note, mismatch, faces_note(found or {}, len(pairs.images))) if n]
+    note = "; ".join(notes) or None
     return VerifyResult(pairs, scores, scored, len(pairs.images), skipped, result_metrics, t, source, rates,
                         note, seconds)
 
