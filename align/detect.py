@@ -13,7 +13,7 @@ A detector's landmark conventions differ a little from another's (dlib's eye cen
 of six eyelid points, MTCNN's is regressed), so each detector is aligned onto its own template,
 measured on LFW (:data:`facefuse.align.transform.TEMPLATES`).
 
-    DETECTORS.names()                  # ['mtcnn', 'dlib-hog', 'dlib-cnn', 'hog+mtcnn', ...]
+    DETECTORS.names()                  # ['mtcnn', 'dlib-hog', 'dlib-cnn']
     det = get_detector("mtcnn")
     faces = det.detect(open_rgb(path))  # [Face(box=..., score=..., landmarks=..., detector='mtcnn')]
 """
@@ -74,15 +74,13 @@ def largest_first(faces: list[Face]) -> list[Face]:
 
 
 def get_detector(name: str, **options):
-    """A new detector registered as ``name``, built with ``options`` (its constructor's keywords)."""
+    """A new detector registered as ``name``, built with ``options`` (its constructor's keywords);
+    names joined by ``+`` make a :class:`Chain` (``"dlib-hog+mtcnn"``: MTCNN where HOG finds nothing)."""
+    if isinstance(name, str) and "+" in name and not options:
+        return Chain(name.split("+"))
     if name not in DETECTORS:
         raise ParameterError("detector", name, f"unknown; valid: {', '.join(DETECTORS.names())}")
     return DETECTORS.get(name)(**options)
-
-
-def detector_name(detector) -> str:
-    """The registered name of a detector object (what records store)."""
-    return detector.name
 
 
 def as_detector(detector):
@@ -161,13 +159,14 @@ class LazyModel:
 class Chain:
     """Each detector in turn until one finds a face: a fast detector first, a stronger one for
     the photos it misses. ``detectors``: names or objects. The faces keep the name of the detector
-    that found them (their template)."""
+    that found them (their template). Its ``name`` joins theirs with ``+``, which
+    :func:`get_detector` reads back."""
 
-    def __init__(self, detectors=("dlib-hog", "mtcnn")):
+    def __init__(self, detectors):
         if not detectors:
             raise ParameterError("detectors", detectors, "need at least one detector")
         self.detectors = [as_detector(d) for d in detectors]
-        self.name = "+".join(d.name.replace("dlib-", "") for d in self.detectors)
+        self.name = "+".join(d.name for d in self.detectors)
 
     @property
     def members(self) -> list[str]:

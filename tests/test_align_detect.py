@@ -141,6 +141,9 @@ def test_chain_asks_the_second_detector_only_when_the_first_finds_nothing():
     assert Chain([one, none]).detect(im) == [face] and none.calls == 1
     with pytest.raises(ParameterError, match="at least one"):
         Chain([])
+    chain = get_detector("dlib-hog+mtcnn")
+    assert isinstance(chain, Chain) and chain.name == "dlib-hog+mtcnn" and chain.members == ["dlib-hog", "mtcnn"]
+    assert LandmarkAlign(chain).detector is chain
 
 
 def test_registry_options_pickling_and_bad_arguments():
