@@ -20,7 +20,7 @@ from facefuse.core.errors import FacefuseError
 from facefuse.index import search as S
 from facefuse.index.enroll import (add_embeddings_to_index_folder, build_index_folder_from_embeddings, load_embeddings,
                                    read_labels)
-from facefuse.index.gallery import build_gallery, load_gallery, save_gallery, search_gallery
+from facefuse.index.gallery import build_gallery, load_gallery, read_meta, save_gallery, search_gallery
 
 NEW_KINDS = ["ivfpq", "ivfpq-sq8", "hnsw-sq8"]
 SCORE_ATOL = {"ivfpq": 1e-5, "ivfpq-sq8": 2e-2, "hnsw-sq8": 2e-2}  # exact re-ranking vs 8-bit codes
@@ -92,7 +92,7 @@ def test_auto_gallery_picks_by_size_and_stores_search_params(tmp_path, monkeypat
     g = build_gallery(xb, ids, [""] * len(xb), {}, "auto", nprobe=3)
     assert g.kind == "ivfpq" and g.params["nprobe"] == 3 and g.params["nlist"] == 64
     save_gallery(g, tmp_path / "idx")
-    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    meta = read_meta(tmp_path / "idx")
     assert meta["kind"] == "ivfpq" and meta["params"]["nprobe"] == 3
     loaded = load_gallery(tmp_path / "idx")
     gt = S.knn_numpy(xb, xq, 1)[1][:, 0]
@@ -167,7 +167,8 @@ def test_add_after_build_keeps_the_trained_index(tmp_path, kind):
     gt = S.knn_numpy(xb, xq, 1)[1][:, 0]
     res = search_gallery(again, xq, 1, nprobe=10 ** 6, k_factor=32, ef_search=256)
     assert np.mean([r["identity"] == ids[t] for r, t in zip(res, gt)]) >= 0.99
-    assert sorted(p.name for p in (tmp_path / "idx").glob("index-*")) == ["index-000001.faiss", "index-000002.faiss"]
+    # the add wrote only its rows: the index file is untouched, the vectors went to the journal
+    assert sorted(p.name for p in (tmp_path / "idx").glob("*-0*")) == ["index-000001.faiss", "journal-000001.f32"]
 
 
 # ---------------------------------------------------------------- concurrent writers, readers
@@ -198,7 +199,7 @@ def test_concurrent_adds_lose_nothing_and_readers_never_fail(tmp_path):
     g = load_gallery(folder)
     assert len(g) == 40 + WRITERS * ADDS * ROWS
     assert sorted(g.identities) == sorted(["seed"] * 40 + [f"writer{w}" for w in range(WRITERS)] * ADDS * ROWS)
-    assert len(list(folder.glob("index-*.faiss"))) == 2  # the current and the previous generation
+    assert [p.name for p in folder.glob("index-*.faiss")] == ["index-000001.faiss"]  # adds were journalled
 
 
 def test_cli_adds_started_at_once(tmp_path):
@@ -227,18 +228,19 @@ def test_open_refuses_index_and_meta_out_of_step(tmp_path):
     x = S.normalize(np.random.default_rng(8).standard_normal((20, 8)))
     g = build_gallery(x, ["a"] * 20, [""] * 20, {}, "flat")
     save_gallery(g, tmp_path / "idx")
-    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    meta = read_meta(tmp_path / "idx")
     bigger = faiss.IndexFlatIP(8)
     bigger.add(np.r_[x, x[:3]])
     faiss.write_index(bigger, str(tmp_path / "idx" / meta["index_file"]))
-    with pytest.raises(FacefuseError, match=r"idx: index-000001.faiss holds 23 vectors but meta.json lists 20"):
+    with pytest.raises(FacefuseError, match=r"idx: index-000001.faiss holds 23 8-d vectors but gallery.db lists 20"):
         load_gallery(tmp_path / "idx")
     assert_one_line_error(run_cli("index", "add", tmp_path / "idx", "--embeddings", tmp_path / "nope.npy",
                                   "--labels", tmp_path / "nope.txt"), "nope.npy")
     np.save(tmp_path / "e.npy", x[:2])
     _write_labels(tmp_path / "l.txt", ["b", "b"])
     assert_one_line_error(run_cli("index", "add", tmp_path / "idx", "--embeddings", tmp_path / "e.npy",
-                                  "--labels", tmp_path / "l.txt"), "idx", "holds 23 vectors but meta.json lists 20")
+                                  "--labels", tmp_path / "l.txt"), "idx",
+                          "holds 23 8-d vectors but gallery.db lists 20")
 
 
 # ---------------------------------------------------------------- GPU copy made once
@@ -300,8 +302,9 @@ def test_cli_build_and_add_embeddings(tmp_path):
                   "-o", tmp_path / "idx", "--kind", "ivfpq", "--nlist", 4, "--pq-m", 2, "--nprobe", 4, "--k-factor", 30)
     assert res.exit_code == 0, res.output
     assert "indexed 30 embeddings of 10 identities (ivfpq, dim 12)" in res.stdout
-    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
-    assert meta["params"] == {"nlist": 4, "pq_m": 2, "nprobe": 4, "k_factor": 30} and meta["paths"][3] == "img3.jpg"
+    meta = read_meta(tmp_path / "idx")
+    assert meta["params"] == {"nlist": 4, "pq_m": 2, "nprobe": 4, "k_factor": 30}
+    assert load_gallery(tmp_path / "idx").paths[3] == "img3.jpg"
     assert run_cli("index", "add", tmp_path / "idx", "--embeddings", tmp_path / "e.npy", "--labels",
                    tmp_path / "l.json").exit_code == 0
     assert len(load_gallery(tmp_path / "idx")) == 60

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from facefuse.index import search as S
-from facefuse.index.gallery import (build_gallery, identity_from_name, load_gallery, save_gallery, scan_gallery,
-                           search_gallery)
+from facefuse.index.gallery import (build_gallery, identity_from_name, load_gallery, read_meta, save_gallery,
+                                    scan_gallery, search_gallery)
 from facefuse.core.errors import FacefuseError
 
 MODEL = {"fingerprint": "abc123", "embedding_dim": 0, "backbone": "resnet18"}
@@ -107,9 +107,9 @@ def test_gallery_round_trip_and_add(tmp_path, kind):
     first = 100
     g = build_gallery(x[:first], ids[:first], paths[:first], {**MODEL, "embedding_dim": 16}, kind)
     save_gallery(g, tmp_path / "idx")
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [".lock", "index-000001.faiss", "index.faiss",
-                                                                     "meta.json"]
-    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [".lock", "gallery.db", "index-000001.faiss",
+                                                                     "index.faiss"]
+    meta = read_meta(tmp_path / "idx")
     assert meta["count"] == first and meta["kind"] == kind and meta["dim"] == 16
     assert meta["index_file"] == "index-000001.faiss" == (tmp_path / "idx" / "index.faiss").readlink().name
     loaded = load_gallery(tmp_path / "idx", fingerprint="abc123", dim=16)
@@ -162,15 +162,16 @@ def test_refusals(tmp_path):
     with pytest.raises(FacefuseError, match="not a gallery index folder"):
         save_gallery(g, tmp_path / "other")
     assert (tmp_path / "other" / "precious.txt").read_text() == "keep me"
-    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
-    meta["count"] = 5
-    meta["identities"] = meta["identities"][:5]
-    (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(FacefuseError, match="holds 6 vectors but meta.json lists 5"):
+    import sqlite3
+    with sqlite3.connect(tmp_path / "idx" / "gallery.db") as con:
+        con.execute("DELETE FROM rows WHERE id = 5")
+    with pytest.raises(FacefuseError, match="holds 6 8-d vectors but gallery.db lists 5 8-d ones; rebuild the index"):
         load_gallery(tmp_path / "idx")
-    (tmp_path / "idx" / "meta.json").write_text("{not json")
-    with pytest.raises(FacefuseError, match="not valid JSON"):
+    (tmp_path / "idx" / "gallery.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(FacefuseError, match="gallery.db: not a readable gallery database.*rebuild the index"):
         load_gallery(tmp_path / "idx")
+    for p in (tmp_path / "idx").iterdir():
+        p.unlink()
     save_gallery(g, tmp_path / "idx")
     (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage" * 10)
     with pytest.raises(FacefuseError, match="not a faiss index"):

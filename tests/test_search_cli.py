@@ -11,7 +11,7 @@ from helpers import assert_one_line_error, make_model_file, run_cli, write_ident
 from PIL import Image
 
 from facefuse.export.runtime import TorchEmbedder
-from facefuse.index.gallery import load_gallery
+from facefuse.index.gallery import load_gallery, read_meta
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,10 +76,10 @@ def test_build_search_add(setup, tmp_path, kind):
     add = run("index", "add", idx, tmp_path / "new", extra, "--identity", "gus")
     assert add.exit_code == 0, add.output
     assert "added 3 images" in add.stdout and "18 images of 6 identities" in add.stdout
-    meta = json.loads((idx / "meta.json").read_text())
-    assert meta["count"] == 18 and meta["identities"][-3:] == ["gus", "gus", "gus"]
+    g = load_gallery(idx)
+    assert len(g) == 18 and g.identities[-3:] == ["gus", "gus", "gus"]
     add2 = run("index", "add", idx, tmp_path / "new")  # folder layout: identity from the sub-folder
-    assert add2.exit_code == 0 and json.loads((idx / "meta.json").read_text())["identities"][-2:] == ["fay"] * 2
+    assert add2.exit_code == 0 and load_gallery(idx).identities[-2:] == ["fay"] * 2
     # search without --model: the index remembers its model
     found = run("search", new["fay"][0], extra, "--index", idx, "--json", "--ef-search", 128, "--nprobe", 64)
     assert found.exit_code == 0, found.output
