@@ -342,7 +342,8 @@ def align_cmd(src, out, detector, size, workers, on_none, on_multiple, as_json):
 
 @main.group("index")
 def index_group():
-    """Build and extend an on-disk gallery index (one folder: meta.json + the faiss index it names)."""
+    """Build, extend, prune and compact an on-disk gallery (one folder: gallery.db, an SQLite
+    database of identities and paths, plus the faiss index and a journal of the latest adds)."""
 
 
 def _kind_names() -> str:
@@ -434,15 +435,20 @@ def index_add(index_dir, images, model, identity, embeddings, labels, batch_size
     click.echo(f"added {e.added} {what}; {index_dir} now holds {e.size} images of {e.identities} identities")
 
 
-@index_group.command("remove")
+def _remove_help() -> str:
+    from facefuse.index.store import AUTO_COMPACT_ROWS
+
+    return ("Remove a person or an image from INDEX_DIR. Searches stop finding them at once; their vectors, "
+            "names and paths leave the files on disk at the next compaction (automatic past "
+            f"{AUTO_COMPACT_ROWS:,} pending adds and removes, or `facefuse index compact`).")
+
+
+@index_group.command("remove", help=_remove_help())
 @click.argument("index_dir", type=click.Path())
 @click.option("--identity", help="Forget this person: every image enrolled under the name.")
 @click.option("--image", "path", type=click.Path(), help="Forget the face enrolled from this image path (with "
               "--identity: only that person's).")
 def index_remove(index_dir, identity, path):
-    """Remove a person or an image from INDEX_DIR. Searches stop finding them at once; their
-    vectors, names and paths leave the files on disk at the next compaction (automatic once
-    enough adds and removes are pending, or `facefuse index compact`)."""
     from facefuse import api
 
     if identity is None and path is None:
