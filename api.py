@@ -352,9 +352,8 @@ class Gallery:
         return self._model
 
     def info(self) -> Enrolment:
-        from facefuse.index.gallery import load_gallery
-
-        return _enrolment(self.folder, load_gallery(self.folder), 0, 0)
+        """What the gallery holds now (read from the cached :meth:`snapshot`)."""
+        return _enrolment(self.folder, self.snapshot(), 0, 0)
 
     def __len__(self) -> int:
         from facefuse.index.gallery import read_meta
@@ -363,9 +362,7 @@ class Gallery:
 
     def identities(self) -> list[str]:
         """Distinct enrolled identities, first-enrolled first."""
-        from facefuse.index.gallery import load_gallery
-
-        return load_gallery(self.folder).names()
+        return self.snapshot().names()
 
     def add(self, images, *, identity: str | None = None) -> Enrolment:
         """Enrol image files or gallery-layout folders (identity from folder / ``<identity>_`` file
@@ -400,8 +397,8 @@ class Gallery:
         meta = read_meta(self.folder)
         key = tuple(meta.get(k) for k in ("generation", "count", "journal_rows", "removed"))
         if getattr(self, "_snap_key", None) != key:
-            m = self.model
-            self._snap = load_gallery(self.folder, fingerprint=m.fingerprint, dim=m.dim)
+            m = self._model  # checked against the model in use, once one is
+            self._snap = load_gallery(self.folder, fingerprint=m and m.fingerprint, dim=m and m.dim)
             self._snap_key = key
         return self._snap
 
@@ -412,7 +409,8 @@ class Gallery:
         from facefuse.index.gallery import search_gallery
         from facefuse.verification.thresholds import resolve_threshold
 
-        t, _ = resolve_threshold(self.model.meta, threshold, far, self.model.path.name)
+        m = self.model  # loaded before the snapshot, which is then checked against it
+        t, _ = resolve_threshold(m.meta, threshold, far, m.path.name)
         if len(vectors) == 0:
             return []
         hits = search_gallery(self.snapshot(), np.asarray(vectors, np.float32), top_k, t, nprobe=nprobe,
@@ -441,12 +439,12 @@ class Gallery:
         """Enrol embeddings made as the gallery's own rows (e.g. by ``model.embed_faces``), one
         identity and one source path (or any label of where the face came from) per row; durable
         when this returns, and only these rows are written."""
-        from facefuse.index.gallery import add_to_gallery, load_gallery
+        from facefuse.index.gallery import update_gallery
 
         m = self.model
-        add_to_gallery(self.folder, np.asarray(vectors, np.float32), list(identities), [str(p) for p in paths],
-                       fingerprint=m.fingerprint, dim=m.dim)
-        return _enrolment(self.folder, load_gallery(self.folder), len(vectors), 0)
+        with update_gallery(self.folder, fingerprint=m.fingerprint, dim=m.dim) as g:  # journals only these rows
+            g.add(np.asarray(vectors, np.float32), list(identities), [str(p) for p in paths])
+        return _enrolment(self.folder, g, len(vectors), 0)
 
     def search(self, images, *, top_k: int = 5, threshold: float | None = None, far: float | None = None,
                nprobe: int | None = None, ef_search: int | None = None, align: str | None = None
