@@ -63,8 +63,9 @@ class Running:
             assert self.thread.is_alive() and time.time() < deadline, "the service did not start"
             time.sleep(0.02)
 
-    def client(self, key: str | None = None, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, headers={"X-API-Key": key} if key else {}, **kw)
+    def client(self, key: str | None = None, headers: dict | None = None, **kw) -> httpx.Client:
+        headers = {**({"X-API-Key": key} if key else {}), **(headers or {})}
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers, **kw)
 
     def close(self) -> None:
         self.server.should_exit = True
