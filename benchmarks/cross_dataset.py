@@ -66,9 +66,10 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--flip", action="store_true")
-    p.add_argument("--detect", default="none", choices=["none", "haar"],
-                   help="crop each image of the --extra sets (not LFW, aligned already) to the template square "
-                        "around its detected face first (core.facecrop)")
+    p.add_argument("--detect", "--align", dest="detect", default="none", choices=["none", "haar", "landmarks"],
+                   help="bring each image of the --extra sets (not LFW, aligned already) to the template first: "
+                        "haar crops around the Haar box (core.facecrop), landmarks aligns by five detected "
+                        "landmarks (facefuse.align)")
     p.add_argument("--detect-lfw", action="store_true", help="with --detect: crop the LFW fold too (what the crop "
                    "does to faces that are aligned already)")
     p.add_argument("--center", action="store_true",
@@ -165,10 +166,9 @@ def plot_rocs(curves: dict, path: Path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     from facefuse.core.metrics import verification_metrics
-    from facefuse.core.facecrop import detect_rate
     from facefuse.core.settings import EmbedSettings
     from facefuse.core.vectors import center_rows
-    from facefuse.export.runtime import face_step, load_embedder
+    from facefuse.export.runtime import load_embedder
     from facefuse.verification.calibrate import identity_indices, thresholds_from_scores
     from facefuse.verification.scoring import embed_checked
 
@@ -184,7 +184,8 @@ def main(argv=None):
     for name, (paths, ids) in sets.items():
         # LFW is aligned already: cropped on request
         used = settings if rows or args.detect_lfw else settings.replace(align="none")
-        emb, _ = embed_checked(embedder, paths, used)
+        found = {} if used.align != "none" else None
+        emb, _ = embed_checked(embedder, paths, used, found=found)
         if args.center:  # the set's own mean: no labels used
             emb = center_rows(emb, where=name)
         if threshold is None:  # the first set is the LFW fold: calibrate there
@@ -203,8 +204,7 @@ def main(argv=None):
                      "realised_far": float(np.mean(i >= threshold)), "realised_tar": float(np.mean(g >= threshold)),
                      "threshold_role": ("calibration set" + (", seen in training" if args.lfw_seen else "")
                                         if not rows else "transfer"),
-                     "faces_found": (detect_rate(face_step(used.align), paths)[0] if used.align == "haar"
-                                     else None),
+                     "faces_found": None if found is None else sum(1 for n in found.values() if n > 0),
                      **identification(emb, ids, args.far)})
     print_table(rows, COLUMNS)
     plot_rocs(curves, args.plot)
