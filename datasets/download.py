@@ -94,9 +94,9 @@ def fetch(remote: Remote, folder, *, timeout: float = 60.0, retries: int = 3, re
                 raise FacefuseError(f"{remote.url}: HTTP {exc.code} {exc.reason} (fetching {remote.name})") from None
             if attempt >= retries:
                 have = part.stat().st_size if part.exists() else 0
-                raise FacefuseError(
-                    f"{remote.url}: download of {remote.name} cut after {have} bytes ({_reason(exc)}); "
-                    f"{part} is kept: run again to resume") from None
+                kept = f"the {have} bytes in {part} are kept: run again to resume" if have else "run again to retry"
+                raise FacefuseError(f"{remote.url}: download of {remote.name} stopped at byte {have} "
+                                    f"({_reason(exc)}); {kept}") from None
             attempt += 1
             time.sleep(retry_wait * attempt)
     got = file_digest(part, remote.algorithm)

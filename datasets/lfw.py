@@ -146,29 +146,48 @@ def fetch_lfw(dir, *, images: str = "funneled", release: LfwRelease | None = Non
         raise ParameterError("dir", dir, f"already holds {final}; move it away or choose another folder")
     release = release or lfw_release(images, url_base=url_base, sha256=sha256)
     work = root / PARTIAL
+    made = [p for p in (root, work) if not p.exists()]
     work.mkdir(parents=True, exist_ok=True)
     summary = LfwSummary(str(root), str(final), release.archive.name, kept_raw=keep_raw)
+    try:
+        _build(work, final, release, summary, keep_raw=keep_raw,
+               fetch_options=dict(timeout=timeout, retries=retries, retry_wait=retry_wait, progress=progress),
+               align_options=dict(detector=detector, workers=workers, progress=progress))
+    except BaseException:
+        _tidy(made)
+        raise
+    shutil.rmtree(work)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _build(work: Path, final: Path, release: LfwRelease, summary: LfwSummary, *, keep_raw: bool,
+           fetch_options: dict, align_options: dict) -> None:
+    """The steps, in ``work``; ``final`` appears by the last rename."""
     with _lock(work):
         paths = {}
         for remote in release.files:
-            paths[remote.name], summary.downloaded[remote.name] = fetch(
-                remote, work, timeout=timeout, retries=retries, retry_wait=retry_wait, progress=progress)
+            paths[remote.name], summary.downloaded[remote.name] = fetch(remote, work, **fetch_options)
         stage = work / "lfw"
         raw = _unpacked(paths[release.archive.name], stage, work)
         for name in PAIRS_FILES:
             shutil.copyfile(paths[name], stage / name)
         crops = stage / "lfw-112"
-        aligned = align_folder(raw, crops, detector=detector, size=112, workers=workers, on_none="center",
-                               on_multiple="largest", progress=progress)
+        aligned = align_folder(raw, crops, size=112, on_none="center", on_multiple="largest", **align_options)
         summary.align = aligned.to_dict()
         _check_pairs(stage, crops)
         summary.identities = sum(1 for p in crops.iterdir() if p.is_dir())
         if not keep_raw:
             shutil.rmtree(raw)
         os.rename(stage, final)
-    shutil.rmtree(work)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+
+
+def _tidy(made: list[Path]) -> None:
+    """After a failure: remove the folders this run created if nothing worth resuming is in them."""
+    for folder in reversed(made):  # .partial first, then DIR
+        left = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        if left <= {".lock"}:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _unpacked(archive: Path, stage: Path, work: Path) -> Path:

@@ -196,8 +196,8 @@ def test_a_cut_connection_fails_in_one_line_and_the_next_run_resumes(tmp_path, s
     with pytest.raises(FacefuseError) as err:
         fetch_lfw(tmp_path, release=release, workers=0, timeout=10, retries=0, retry_wait=0)
     msg = str(err.value)
-    assert "\n" not in msg and release.archive.url in msg and f"cut after {cut} bytes" in msg
-    assert "run again to resume" in msg
+    assert "\n" not in msg and release.archive.url in msg and f"stopped at byte {cut} " in msg
+    assert f"the {cut} bytes in {tmp_path / PARTIAL / ARCHIVE}.part are kept: run again to resume" in msg
     assert not (tmp_path / "lfw").exists()
     assert (tmp_path / PARTIAL / f"{ARCHIVE}.part").stat().st_size == cut
 
@@ -207,8 +207,29 @@ def test_a_cut_connection_fails_in_one_line_and_the_next_run_resumes(tmp_path, s
     assert (tmp_path / "lfw" / "pairs.txt").is_file() and not (tmp_path / PARTIAL).exists()
 
 
+def test_a_run_stopped_while_aligning_leaves_no_folder_and_the_next_reuses_its_work(tmp_path, server, release,
+                                                                                    monkeypatch):
+    import facefuse.datasets.lfw as lfw_module
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lfw_module, "align_folder", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_lfw(tmp_path, release=release, workers=0, timeout=10)
+    assert not (tmp_path / "lfw").exists() and (tmp_path / PARTIAL / "lfw" / "raw").is_dir()
+    monkeypatch.undo()
+    served = len(server.state.log)
+    s = fetch_lfw(tmp_path, release=release, workers=0, timeout=10)
+    assert len(server.state.log) == served and set(s.downloaded.values()) == {0}  # verified downloads reused
+    assert s.align["photos"] == 7 and (tmp_path / "lfw" / "lfw-112").is_dir()
+
+
 def test_a_wrong_checksum_fails_in_one_line_and_leaves_no_folder(tmp_path, server, release):
     bad = LfwRelease(Remote(ARCHIVE, release.archive.url, "sha256:" + "0" * 64), release.pairs)
+    with pytest.raises(FacefuseError) as err:
+        fetch_lfw(tmp_path / "new", release=bad, workers=0, timeout=10, retry_wait=0)
+    assert not (tmp_path / "new").exists()  # nothing worth resuming: not even the folder it created
     with pytest.raises(FacefuseError) as err:
         fetch_lfw(tmp_path, release=bad, workers=0, timeout=10, retry_wait=0)
     msg = str(err.value)
@@ -319,7 +340,7 @@ def test_missing_file_and_dead_server_are_one_line_errors(tmp_path, server, blob
     dead = Remote("blob.bin", f"http://127.0.0.1:{port}/blob.bin", blob.digest)
     with pytest.raises(FacefuseError) as err:
         fetch(dead, tmp_path, timeout=5, retries=1, retry_wait=0)
-    assert "\n" not in str(err.value) and "cut after 0 bytes" in str(err.value)
+    assert "\n" not in str(err.value) and "stopped at byte 0 (" in str(err.value) and "run again" in str(err.value)
 
 
 # ---------------------------------------------------------------- unpacking and the table
