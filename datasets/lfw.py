@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -103,6 +104,9 @@ def lfw_release(images: str = "funneled", *, url_base: str | None = None,
     if unknown:
         raise ParameterError("sha256", ", ".join(unknown),
                              f"not a file of this release ({', '.join(r.name for r in files)})")
+    for name, hexdigest in sha256.items():
+        if not re.fullmatch("[0-9a-fA-F]{64}", hexdigest):
+            raise ParameterError("sha256", f"{name}={hexdigest}", "expected 64 hex digits")
     if url_base is not None:
         if not url_base.startswith(("http://", "https://")):
             raise ParameterError("url_base", url_base, "must be an http:// or https:// URL")

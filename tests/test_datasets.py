@@ -385,5 +385,7 @@ def test_lfw_release_mirror_and_overrides():
         lfw_release("lfw2")
     with pytest.raises(ParameterError, match="^url_base=ftp://x: "):
         lfw_release(url_base="ftp://x")
-    with pytest.raises(ParameterError, match=r"^digest=sha256:12: .*for pairs.txt"):
+    with pytest.raises(ParameterError, match=r"^sha256=pairs.txt=12: expected 64 hex digits$"):
         lfw_release(sha256={"pairs.txt": "12"})
+    with pytest.raises(ParameterError, match=r"^digest=md5:12: .*for pairs.txt"):
+        Remote("pairs.txt", "http://127.0.0.1:9/p", "md5:12")
