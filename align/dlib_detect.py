@@ -22,6 +22,7 @@ from PIL import Image
 from .detect import DETECTORS, LazyModel, check_image, downscale_for_detection, largest_first, make_face, \
     missing_package, rgb_array, scale_faces
 
+SHAPE_MODEL = "shape_predictor_68_face_landmarks.dat"
 FIVE_OF_68 = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))
 
 
@@ -63,11 +64,11 @@ class _DlibDetector(LazyModel):
         check_image(image)
         rgb, back = downscale_for_detection(rgb_array(image), self.max_side)
         rgb = np.ascontiguousarray(rgb)
-        boxes, predictor = self.model()[0], self.model()[1]
+        predictor = self.model()[1]
         faces = []
         for rect, score in self.boxes(rgb):
-            lm = five_points(predictor(rgb, rect))
-            faces.append(make_face((rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1), score, lm, self.name))
+            box = (rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1)
+            faces.append(make_face(box, score, five_points(predictor(rgb, rect)), self.name))
         return largest_first(scale_faces(faces, back))
 
     def boxes(self, rgb):  # pragma: no cover - overridden
@@ -80,7 +81,7 @@ class DlibHOG(_DlibDetector):
 
     def load(self):
         dlib = _dlib()
-        return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(models_dir() / "shape_predictor_68_face_landmarks.dat"))
+        return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(models_dir() / SHAPE_MODEL))
 
     def boxes(self, rgb):
         rects, scores, _ = self.model()[0].run(rgb, self.upsample, 0.0)
@@ -95,7 +96,7 @@ class DlibCNN(_DlibDetector):
         dlib = _dlib()
         root = models_dir()
         return (dlib.cnn_face_detection_model_v1(str(root / "mmod_human_face_detector.dat")),
-                dlib.shape_predictor(str(root / "shape_predictor_68_face_landmarks.dat")))
+                dlib.shape_predictor(str(root / SHAPE_MODEL)))
 
     def boxes(self, rgb):
         return [(d.rect, d.confidence) for d in self.model()[0](rgb, self.upsample)]

@@ -34,7 +34,8 @@ def test_exif_orientation_is_applied(tmp_path, orientation, fmt):
     exif = Image.Exif()
     exif[0x0112] = orientation
     path = tmp_path / f"o{orientation}.{fmt.lower()}"
-    Image.fromarray(stored).save(path, format=fmt, exif=exif, **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
+    lossless = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
+    Image.fromarray(stored).save(path, format=fmt, exif=exif, **lossless)
     got = np.asarray(open_rgb(path))
     with Image.open(path) as im:
         reference = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,7 +54,8 @@ def test_align_folder_writes_crops_manifest_and_resumes(src, tmp_path):
     assert records["person1/two.jpg"]["faces"] == 2 and records["person1/two.jpg"]["box"][0] < 100  # the larger
     assert records["person0/wall.jpg"] == {"src": "person0/wall.jpg", "out": None, "status": "no_face", "faces": 0,
                                            "kept": None, "reason": "no face found"}
-    assert records["person1/broken.jpg"]["status"] == "bad_image" and "corrupt" in records["person1/broken.jpg"]["reason"]
+    broken = records["person1/broken.jpg"]
+    assert broken["status"] == "bad_image" and "corrupt" in broken["reason"]
     assert not (out / "person0/wall.jpg").exists() and not (out / "person1/broken.jpg").exists()
     assert json.loads((out / "align.json").read_text())["detector"] == "mtcnn"
 
