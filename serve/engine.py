@@ -127,9 +127,12 @@ class Service:
         if len(rows) == 0:
             return []
         with self._snapshot_lock:  # snapshot() reloads after a write; one thread at a time swaps it
-            if len(self.gallery.snapshot()) == 0:
-                return [{"identity": "unknown", "score": None, "matches": []} for _ in rows]
-            return self.gallery.search_vectors(rows, top_k=top_k, threshold=t)
+            try:
+                return self.gallery.search_vectors(rows, top_k=top_k, threshold=t)
+            except FacefuseError:
+                if len(self.gallery.snapshot()) > 0:
+                    raise
+                return [{"identity": "unknown", "score": None, "matches": []} for _ in rows]  # all removed
 
     # ------------------------------------------------------------ endpoints
     async def search(self, data: bytes, *, align: str | None, top_k: int, threshold: float | None,

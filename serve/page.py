@@ -13,7 +13,7 @@ PAGE = """<!doctype html>
   h1 { font-size: 1.4rem; margin-bottom: .2rem; }
   section { border: 1px solid #ddd; border-radius: 6px; padding: .8rem 1rem; margin: 1rem 0; }
   label { margin-right: 1rem; }
-  canvas { max-width: 100%; border: 1px solid #ccc; display: block; margin-top: .6rem; }
+  canvas { max-width: 100%; min-width: 240px; border: 1px solid #ccc; display: block; margin-top: .6rem; }
   #status, #enrol-status { min-height: 1.4em; color: #555; }
   .error { color: #b00020 !important; }
   table { border-collapse: collapse; margin-top: .5rem; }
