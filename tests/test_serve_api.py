@@ -160,3 +160,53 @@ def test_metrics_in_prometheus_text_format(world):
     assert samples["facefuse_gallery_rows"] >= 12
     assert samples['facefuse_request_seconds_bucket{route="/v1/search",le="+Inf"}'] == \
         samples['facefuse_request_seconds_count{route="/v1/search"}']
+
+
+def test_every_face_of_a_photo_with_landmark_alignment(lfw, tmp_path):
+    """Two raw LFW photos side by side: MTCNN finds both faces, each is searched; the answer equals
+    the API's own ``Gallery.search_photo`` of the same photo."""
+    import io
+
+    from PIL import Image
+
+    from helpers import make_model_file
+
+    raw = sorted(p for p in (lfw / "raw-fold0").iterdir() if len(list((lfw / "lfw-112" / p.name).glob("*.jpg"))) >= 2)
+    people = raw[:3]
+    gallery_src = tmp_path / "gallery"
+    for person in people:
+        (gallery_src / person.name).mkdir(parents=True)
+        for crop in sorted((lfw / "lfw-112" / person.name).glob("*.jpg"))[:2]:
+            (gallery_src / person.name / crop.name).write_bytes(crop.read_bytes())
+    model = facefuse.load_model(make_model_file(tmp_path / "model.pt", size=112))
+    facefuse.build_gallery(gallery_src, tmp_path / "index", model)
+    a, b = (sorted(p.glob("*.jpg"))[0] for p in people[:2])
+    scene = Image.new("RGB", (500, 250))
+    scene.paste(Image.open(a).convert("RGB"), (0, 0))
+    scene.paste(Image.open(b).convert("RGB"), (250, 0))
+    buf = io.BytesIO()
+    scene.save(buf, "PNG")
+    with Running(ServeSettings(model=tmp_path / "model.pt", index=tmp_path / "index")) as svc, svc.client() as c:
+        r = c.post("/v1/search", files={"photo": ("scene.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["align"] == "landmarks" and len(got["faces"]) >= 2
+    centres = sorted((f["box"][0] + f["box"][2]) / 2 for f in got["faces"][:2])
+    assert centres[0] < 250 < centres[1]  # one face in each half
+    assert all(len(f["landmarks"]) == 5 and f["detection_score"] > 0.9 for f in got["faces"][:2])
+    expected = facefuse.open_gallery(tmp_path / "index", model).search_photo(scene, align="landmarks").to_dict()
+    assert len(expected["faces"]) == len(got["faces"])
+    for e, g in zip(expected["faces"], got["faces"]):
+        assert e["box"] == g["box"] and e["identity"] == g["identity"]
+        np.testing.assert_allclose([m["score"] for m in e["matches"]], [m["score"] for m in g["matches"]], atol=1e-5)
+
+
+def test_a_gallery_with_everyone_removed_answers_unknown(tmp_path):
+    model, index, photos = make_gallery(tmp_path, names=["solo"], per_id=1)
+    with Running(ServeSettings(model=model, index=index, align="none")) as svc, svc.client() as c:
+        assert c.delete("/v1/identities/solo").json()["removed"] == 1
+        face = c.post("/v1/search", files={"photo": photos["solo"][0].read_bytes()}).json()["faces"][0]
+        assert face["identity"] == "unknown" and face["matches"] == []
+        assert c.post("/v1/identities/solo/faces", files={"photo": photos["solo"][0].read_bytes()}).status_code == 201
+        assert c.post("/v1/search", files={"photo": photos["solo"][0].read_bytes()}).json()["faces"][0]["identity"] \
+            == "solo"
