@@ -16,7 +16,7 @@ setuptools ``package-dir`` mapping), and ``core/`` holds what every stage uses. 
 __version__ = "0.2.0"
 
 API = ("load_model", "Model", "EmbedSettings", "build_gallery", "open_gallery", "Gallery", "embed_to_folder",
-       "export_onnx", "quantize_int8", "train", "Verification", "PairsReport", "Calibration", "SearchResult", "Match",
+       "export_onnx", "quantize_int8", "train", "align_folder", "fetch_lfw", "Verification", "PairsReport", "Calibration", "SearchResult", "Match",
        "Enrolment", "FacefuseError", "ParameterError")
 __all__ = list(API)
 

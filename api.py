@@ -549,6 +549,14 @@ def align_folder(src, out, **options):
     return folder.align_folder(src, out, **options)
 
 
+def fetch_lfw(folder: str | Path, **options):
+    """Download, check, unpack and align the public LFW release into ``folder`` (the layout
+    ``train`` and ``verify`` read; ``FACEFUSE_DATA=folder``): ``datasets.lfw.fetch_lfw``."""
+    from facefuse.datasets import lfw
+
+    return lfw.fetch_lfw(folder, **options)
+
+
 def export_onnx(checkpoint: str | Path, out: str | Path, **options):
     """Export a checkpoint to ONNX and check it against PyTorch (``export.onnx_export.export_onnx``)."""
     from facefuse.export import onnx_export

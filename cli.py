@@ -340,6 +340,59 @@ def align_cmd(src, out, detector, size, workers, on_none, on_multiple, as_json):
                f"several faces skipped {r.multiple_skipped}, unreadable {r.bad_image}")
 
 
+# ---------------------------------------------------------------- data (datasets/)
+
+@main.group("data")
+def data_group():
+    """Fetch public face data sets into the layout `train` and `verify` read (set FACEFUSE_DATA to
+    the folder given)."""
+
+
+def _digests(ctx, param, values) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, hexdigest = v.partition("=")
+        if not sep or not name or not hexdigest:
+            raise click.BadParameter(f"{v!r}: expected FILE=HEX (e.g. pairs.txt=ea42...)", ctx, param)
+        out[name] = hexdigest
+    return out
+
+
+@data_group.command("lfw")
+@click.argument("dir", type=click.Path(file_okay=False))
+@click.option("--images", type=click.Choice(["funneled", "original", "deepfunneled"]), default="funneled", show_default=True,
+              help="Which LFW image archive: funneled and original come from the figshare mirror scikit-learn "
+                   "uses; deepfunneled only from LFW's own site, which no longer answers (use --url-base).")
+@click.option("--url-base", help="A mirror holding the same files under their names (URL/lfw-funneled.tgz, "
+                                 "URL/pairs.txt, ...), instead of the published locations.")
+@click.option("--sha256", multiple=True, callback=_digests, metavar="FILE=HEX",
+              help="Replace a file's pinned digest (repeatable), for a mirror of other bytes.")
+@click.option("--workers", type=click.IntRange(min=0), help="Alignment processes (default: one per core; 0: none).")
+@click.option("--keep-raw", is_flag=True, help="Keep the unpacked photos as DIR/lfw/raw (deleted by default).")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Retries per file after a cut connection, each resuming where it stopped.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def lfw_cmd(dir, images, url_base, sha256, workers, keep_raw, retries, as_json):
+    """Download LFW (an image archive and the official pairs.txt, pairsDevTrain.txt, pairsDevTest.txt),
+    check each file's pinned digest, unpack, align every photo onto the 112x112 template (MTCNN;
+    an undetected face becomes a centre crop) and write DIR/lfw/lfw-112/<Name>/<Name>_NNNN.jpg with
+    the pairs files beside it. Work happens in DIR/.partial: run again after a failure to resume;
+    DIR/lfw appears only when complete. Then: FACEFUSE_DATA=DIR facefuse train --data DIR/lfw/lfw-112 ..."""
+    from facefuse.datasets.lfw import fetch_lfw
+
+    r = fetch_lfw(dir, images=images, url_base=url_base, sha256=sha256, workers=workers, keep_raw=keep_raw,
+                  retries=retries, progress=True)
+    if as_json:
+        click.echo(json.dumps(r.to_dict()))
+        return
+    a = r.align
+    got = sum(r.downloaded.values())
+    click.echo(f"LFW from {r.archive} in {r.lfw}: {r.identities} identities, {a['aligned'] + a['center']} crops "
+               f"({a['center']} centre crops, no face found) in {r.seconds:.1f} s; downloaded {got / 2**20:.1f} MiB"
+               + (f"; raw photos in {r.lfw}/raw" if r.kept_raw else "")
+               + f"\nuse it with FACEFUSE_DATA={r.dir}")
+
+
 @main.group("index")
 def index_group():
     """Build, extend, prune and compact an on-disk gallery (one folder: gallery.db, an SQLite

@@ -252,13 +252,10 @@ def test_pairs_naming_photos_the_archive_lacks_fail_and_leave_no_folder(tmp_path
 
 # ---------------------------------------------------------------- the command
 def _cli():
-    """`facefuse data ...` under the main command's error handling (whether or not cli.py adds it yet)."""
-    from facefuse.cli import Group
-    from facefuse.datasets.cli import data_group
+    """`facefuse` itself: `data lfw` under the main command's error handling."""
+    from facefuse.cli import main
 
-    group = Group("facefuse")
-    group.add_command(data_group, "data")
-    return group
+    return main
 
 
 def test_cli_fetches_from_a_mirror_with_overridden_digests(tmp_path, server, release, lfw_like):
