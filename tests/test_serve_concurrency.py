@@ -167,3 +167,56 @@ def test_shell_index_add_and_the_service_lose_nothing(world, tmp_path):
         hit = c.post("/v1/search", files={"photo": shell["sh1"][2].read_bytes()}).json()["faces"][0]
     assert set(names) >= set(shell) | {f"svc{i}" for i in range(8)}
     assert hit["matches"][0]["identity"] == "sh1" and hit["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _blocked(fn, release: "threading.Event", entered: "threading.Event"):
+    def wrapper(*a, **kw):
+        entered.set()
+        assert release.wait(30), "never released"
+        return fn(*a, **kw)
+    return wrapper
+
+
+def test_a_model_run_in_progress_does_not_block_the_event_loop(world):
+    """While a batch is held inside the model-run thread, the loop still answers other requests."""
+    svc, _, _ = world
+    import threading
+
+    b = svc.service.batcher
+    release, entered = threading.Event(), threading.Event()
+    original = b._run
+    b._run = _blocked(original, release, entered)
+    try:
+        with ThreadPoolExecutor(1) as pool, svc.client() as c:
+            pending = pool.submit(c.post, "/v1/search", files={"photo": jpeg(1)})
+            assert entered.wait(30)
+            assert c.get("/health").status_code == 200 and c.get("/v1/identities").status_code == 200
+            assert not pending.done()  # the search is still inside its model run
+            release.set()
+            assert pending.result(30).status_code == 200
+    finally:
+        release.set()
+        b._run = original
+
+
+def test_searches_do_not_wait_for_an_enrolment(world):
+    """An enrolment held inside its gallery write (writer lock taken): searches are answered meanwhile."""
+    svc, _, _ = world
+    import threading
+
+    gallery = svc.service.gallery
+    release, entered = threading.Event(), threading.Event()
+    gallery.add_vectors = _blocked(type(gallery).add_vectors.__get__(gallery), release, entered)
+    try:
+        with ThreadPoolExecutor(1) as pool, svc.client() as c:
+            pending = pool.submit(c.post, "/v1/identities/held/faces", files={"photo": jpeg(5)})
+            assert entered.wait(30)
+            for seed in range(3):
+                assert c.post("/v1/search", files={"photo": jpeg(seed)}).status_code == 200
+            assert not pending.done()  # not answered before it is durable
+            release.set()
+            assert pending.result(30).status_code == 201
+            assert c.delete("/v1/identities/held").status_code == 200
+    finally:
+        release.set()
+        del gallery.add_vectors
