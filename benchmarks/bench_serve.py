@@ -175,9 +175,9 @@ def pick_data(identities: int, seed: int = 0):
     return gallery, known + unknown, photos
 
 
-def ensure_model(model: str | None, tmp: Path) -> tuple[Path, str]:
+def ensure_model(model: str | None, tmp: Path, origin: str | None = None) -> tuple[Path, str]:
     if model:
-        return Path(model), "given"
+        return Path(model), origin or "given"
     run = REPO_ROOT / "runs" / "lfw"
     if (run / "model.pt").is_file():
         out = tmp / "model.onnx"
@@ -403,6 +403,7 @@ def _bomb_png(width: int, height: int) -> bytes:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="ONNX model (default: runs/lfw exported to a temporary file)")
+    ap.add_argument("--model-origin", help="where --model came from, recorded in the settings")
     ap.add_argument("--identities", type=int, default=10, help="gallery identities (4 crops each)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=600, help="requests per crop case (and the mixed run)")
@@ -422,7 +423,7 @@ def main(argv=None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        model, origin = ensure_model(args.model, tmp)
+        model, origin = ensure_model(args.model, tmp, args.model_origin)
         gallery, queries, photo_paths = pick_data(args.identities)
         src = tmp / "gallery"
         for name, paths in gallery.items():
