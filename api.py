@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -339,6 +340,7 @@ class Gallery:
         self.folder = Path(folder)
         read_meta(self.folder)  # a missing or foreign folder is refused here
         self._model = None if model is None else _model(model)
+        self._snap, self._snap_key, self._snap_lock = None, None, threading.Lock()
         self.workers: int | None = None     # image-decoding workers for adds and searches (None: automatic)
         self.batch_size: int | None = None  # images per model run (None: the settings' own)
 
@@ -394,13 +396,14 @@ class Gallery:
         changed the folder since the last call: a resident process searches without re-reading."""
         from facefuse.index.gallery import load_gallery, read_meta
 
-        meta = read_meta(self.folder)
-        key = tuple(meta.get(k) for k in ("generation", "count", "journal_rows", "removed"))
-        if getattr(self, "_snap_key", None) != key:
-            m = self._model  # checked against the model in use, once one is
-            self._snap = load_gallery(self.folder, fingerprint=m and m.fingerprint, dim=m and m.dim)
-            self._snap_key = key
-        return self._snap
+        with self._snap_lock:  # threads of one process: one reload, and never an older snapshot after a newer
+            meta = read_meta(self.folder)
+            key = tuple(meta.get(k) for k in ("generation", "count", "journal_rows", "removed"))
+            if self._snap_key != key:
+                m = self._model  # checked against the model in use, once one is
+                self._snap = load_gallery(self.folder, fingerprint=m and m.fingerprint, dim=m and m.dim)
+                self._snap_key = key
+            return self._snap
 
     def search_vectors(self, vectors, *, top_k: int = 5, threshold: float | None = None, far: float | None = None,
                        nprobe: int | None = None, ef_search: int | None = None) -> list[dict]:

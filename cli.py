@@ -656,5 +656,14 @@ def calibrate_cmd(source, model, fars, impostors, seed, root, dry_run, as_json, 
     click.echo("dry run: the model was not changed" if dry_run else f"stored in {model}")
 
 
+def _add_serve() -> None:
+    from facefuse.serve.cli import serve_command
+
+    main.add_command(serve_command, "serve")
+
+
+_add_serve()
+
+
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ def open_rgb(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return _to_rgb(upright(im))
+                return to_rgb(upright(im))
     except FileNotFoundError:
         raise BadImageError(path, "no such file") from None
     except IsADirectoryError:
@@ -52,7 +52,8 @@ def upright(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and float grey scaled down, transparency over black."""
     if im.mode in ("I;16", "I;16B", "I", "F"):
         im = im.point(lambda v: v / 256).convert("L")  # 16-bit / float grey to 8-bit
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

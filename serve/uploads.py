@@ -12,7 +12,7 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from facefuse.core.errors import FacefuseError
-from facefuse.core.images import _to_rgb, upright  # decoding from bytes: see decode_photo's note
+from facefuse.core.images import to_rgb, upright
 
 
 class UploadError(FacefuseError):
@@ -27,8 +27,7 @@ def decode_photo(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """Decode upload ``field`` (its bytes) fully to RGB, turned as its EXIF orientation says.
 
     The header's size is checked against ``max_pixels`` (and PIL's decompression-bomb limit)
-    before decoding. (``core.images`` decodes files only; a ``decode_rgb(bytes)`` there would let
-    this reuse its private ``_to_rgb`` through a public name.)"""
+    before decoding, then the pixels go through ``core.images``' own conversion (``to_rgb``)."""
     if not data:
         raise UploadError(422, f"{field}: empty upload")
     try:
@@ -41,7 +40,7 @@ def decode_photo(data: bytes, field: str, max_pixels: int) -> Image.Image:
                 if w < 1 or h < 1:
                     raise UploadError(422, f"{field}: empty image ({w}x{h})")
                 im.load()
-                return _to_rgb(upright(im))
+                return to_rgb(upright(im))
     except UnidentifiedImageError:
         raise UploadError(422, f"{field}: not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FOLDERS = ("core", "kernels", "trainer", "export", "index", "verification", "align", "datasets")
+FOLDERS = ("core", "kernels", "trainer", "export", "index", "verification", "align", "datasets", "serve")
 ALLOWED = {
     "core": {"core"},
     "kernels": {"kernels"},
@@ -23,6 +23,7 @@ ALLOWED = {
     "verification": {"verification", "core", "export"},
     "index": {"index", "core", "export", "verification"},
     "datasets": {"datasets", "core", "align"},
+    "serve": {"serve", "api", "core", "verification"},
 }
 MODULES = {"api.py": {"api", "core", "trainer", "export", "index", "verification", "align", "datasets"}}
 
