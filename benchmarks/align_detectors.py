@@ -214,21 +214,25 @@ class Scorer:
         return np.concatenate(out)
 
 
-def images_for(paths, found_of, size: int):
-    """Each photo aligned on its largest face (or whole when none was found), as LandmarkAlign does."""
+def images_for(paths, found_of, size: int, snap: float | None = None):
+    """Each photo aligned on its largest face (or whole when none was found), as LandmarkAlign
+    does (``snap``: its setting, None for its default); and how many were template crops already
+    (resized, not warped)."""
     from facefuse.align import LandmarkAlign
+    from facefuse.align.step import SNAP
     from facefuse.core.images import open_rgb
 
-    steps, out = {}, []
+    steps, out, framed = {}, [], 0
     for p in paths:
         im = open_rgb(p)
         faces = found_of(p) if found_of else []
         if faces:
             f = faces[0]
-            step = steps.setdefault(f.detector, LandmarkAlign(f.detector, size))
+            step = steps.setdefault(f.detector, LandmarkAlign(f.detector, size, snap=SNAP if snap is None else snap))
+            framed += step.framed(im, f)
             im = step.crop(im, f)
         out.append(im)
-    return out
+    return out, framed
 
 
 def metrics(scores, labels, folds) -> dict:
@@ -280,6 +284,7 @@ def score(emb, ia, ib) -> np.ndarray:
 # ---------------------------------------------------------------- main
 def main(argv=None):
     from facefuse.align import get_detector
+    from facefuse.align.step import SNAP
 
     args = parse_args(argv)
     data = Path(args.data)
@@ -324,6 +329,9 @@ def main(argv=None):
                 "chains": {k: list(v) for k, v in CHAINS.items()}, "cnn_per_set": args.cnn_per_set,
                 "timing_photos": n_timed, "workers": args.workers, "load_average_1_5_15": load,
                 "no_face_policy": "the whole photo goes to the model (LandmarkAlign on_none='whole')",
+                "snap": "a square photo whose landmarks lie within LandmarkAlign.snap (default "
+                        f"{SNAP}) of the eye distance from the template when resized whole is "
+                        "resized, not warped (framed_photos); 'always warped' rows use snap=0",
                 "several_faces_policy": "the largest box is aligned"}
     print(f"wrote {write_results('align_detectors', device_name('cpu'), settings, rows)}")
 
@@ -380,8 +388,9 @@ def time_all(args, data: Path, sets: dict):
     return ms, folder, load, len(timed)
 
 
-LFW_VIEWS = {"lfw-fold0 raw": ("raw-fold0", 112), "lfw-fold0 raw (64 px warp)": ("raw-fold0", 64),
-             "lfw-fold0 lfw-112": ("lfw112-fold0", 112)}
+LFW_VIEWS = {"lfw-fold0 raw": ("raw-fold0", 112, None), "lfw-fold0 raw (64 px warp)": ("raw-fold0", 64, None),
+             "lfw-fold0 lfw-112": ("lfw112-fold0", 112, None),
+             "lfw-fold0 lfw-112 (always warped)": ("lfw112-fold0", 112, 0.0)}
 
 
 def verification_rows(detector, scorer, protocols, sets, found) -> list[dict]:
@@ -390,33 +399,40 @@ def verification_rows(detector, scorer, protocols, sets, found) -> list[dict]:
     label = detector or "none (photo as is)"
     cache = {}
 
-    def embedded(set_name, size=112):
-        if (set_name, size) not in cache:
-            cache[set_name, size] = scorer.embed(images_for(sets[set_name], faces_of, size))
-        return cache[set_name, size]
+    def embedded(set_name, size=112, snap=None):
+        if (set_name, size, snap) not in cache:
+            images, framed = images_for(sets[set_name], faces_of, size, snap)
+            cache[set_name, size, snap] = scorer.embed(images), framed
+        return cache[set_name, size, snap][0]
+
+    def framed(set_name, size=112, snap=None):
+        return cache[set_name, size, snap][1]
 
     def whole(set_name):
         return sum(not found[(detector, p)] for p in sets[set_name]) if detector else len(sets[set_name])
 
     rows = []
     ia, ib, labels, folds = protocols["lfw-fold0"]
-    for name, (set_name, size) in LFW_VIEWS.items():
-        if detector is None and size != 112:
+    for name, (set_name, size, snap) in LFW_VIEWS.items():
+        if detector is None and (size != 112 or snap is not None):
             continue
-        rows.append({"protocol": name, "whole_photos": whole(set_name),
-                     **metrics(score(embedded(set_name, size), ia, ib), labels, folds)})
+        e = embedded(set_name, size, snap)
+        rows.append({"protocol": name, "whole_photos": whole(set_name), "framed_photos": framed(set_name, size, snap),
+                     **metrics(score(e, ia, ib), labels, folds)})
     for name in ("orl", "yale"):
         ia, ib, labels, folds = protocols[name]
-        rows.append({"protocol": name, "whole_photos": whole(name),
-                     **metrics(score(embedded(name), ia, ib), labels, folds)})
+        e = embedded(name)
+        rows.append({"protocol": name, "whole_photos": whole(name), "framed_photos": framed(name),
+                     **metrics(score(e, ia, ib), labels, folds)})
     where = {str(p): i for i, p in enumerate(sets["cfp"])}
     for name in ("cfp-FF", "cfp-FP"):
         images, ia, ib, labels, folds = protocols[name]
         rows_of = np.array([where[str(p)] for p in images])
         used = set(rows_of[np.r_[ia, ib]])
         n_whole = sum(not found[(detector, sets["cfp"][k])] for k in used) if detector else len(used)
-        rows.append({"protocol": name, "whole_photos": n_whole,
-                     **metrics(score(embedded("cfp"), rows_of[ia], rows_of[ib]), labels, folds)})
+        e = embedded("cfp")
+        rows.append({"protocol": name, "whole_photos": n_whole, "framed_photos": framed("cfp"),
+                     **metrics(score(e, rows_of[ia], rows_of[ib]), labels, folds)})
     return [{"kind": "verification", "detector": label, **r} for r in rows]
 
 
@@ -427,7 +443,8 @@ def report(rows):
                                   "photos"]),
                        ("folder", ["detector", "photos", "seconds", "photos_per_s", "cpu_seconds",
                                    "photos_per_s_2_cores_from_cpu", "no_face", "workers"]),
-                       ("verification", ["detector", "protocol", "accuracy", "auc", "whole_photos"])):
+                       ("verification", ["detector", "protocol", "accuracy", "auc", "whole_photos",
+                                         "framed_photos"])):
         print(f"\n{kind}")
         print_table([r for r in rows if r["kind"] == kind], cols)
 

@@ -170,3 +170,23 @@ def test_face_to_dict_is_json_ready():
     assert d == {"box": [1.23, 2.0, 30.0, 40.5], "score": 0.9999, "detector": "mtcnn",
                  "landmarks": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]}
     assert isinstance(f, Face) and f.area == pytest.approx(28.766 * 38.5)
+
+
+def test_a_template_crop_is_resized_not_warped_again(faces112):
+    """lfw-112 crops are on the template already: passed through (resized), not re-warped by the
+    detector's landmark scatter; a crop moved off the template, or snap=0, is warped."""
+    step = LandmarkAlign(_available("mtcnn"), size=112)
+    framed = [step.align(face) for face in faces112]
+    assert sum(a.framed for a in framed) >= 10
+    for face, a in zip(faces112, framed):
+        if a.framed:
+            assert a.matrix is None and np.array_equal(np.asarray(a.image), np.asarray(face))
+    small = LandmarkAlign("mtcnn", size=64).align(faces112[0])
+    assert small.framed and small.image.size == (64, 64)
+    moved = Image.fromarray(np.roll(np.asarray(faces112[0]), 14, axis=1))  # 14 px right: 0.4 of the eyes' distance
+    got = step.align(moved)
+    assert not got.framed and got.matrix is not None and got.matrix[0, 2] == pytest.approx(-14, abs=4)
+    always = LandmarkAlign("mtcnn", size=112, snap=0).align(faces112[0])
+    assert not always.framed and always.matrix is not None
+    with pytest.raises(ParameterError, match="snap=1"):
+        LandmarkAlign("mtcnn", snap=1)
