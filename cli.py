@@ -55,7 +55,9 @@ def option_words(message: str, command: click.Command) -> str:
         return option + (" " if m.group(3) else "")
 
     pattern = rf"(?<![\w.\-])({names})=((?:True|False)(?![\w.])|)([^\s,;:)\]]?)"
-    return re.sub(pattern, lambda m: swap(m) + m.group(3), message)
+    message = re.sub(pattern, lambda m: swap(m) + m.group(3), message)
+    # a hint about a setting this command has no option for (search cannot skip images) is dropped
+    return re.sub(r" \((\w+)=\S+ [^()]*\)", lambda m: "" if m.group(1) in SETTINGS_OPTIONS else m.group(0), message)
 
 
 class Group(click.Group):

@@ -19,8 +19,8 @@ def draw_faces(photo, result, out) -> Path:
     format follows ``out``'s suffix."""
     out = Path(out)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(out.suffix.lower())
-    if fmt is None:
-        raise ParameterError("draw", out, "give a .jpg, .png or .webp file name")
+    if fmt is None or out.is_dir():
+        raise ParameterError("draw", out, "give a .jpg, .png or .webp file name" + (" (it is a folder)" if fmt else ""))
     im = open_rgb(photo)
     pen = ImageDraw.Draw(im)
     width = max(2, round(min(im.size) / 150))

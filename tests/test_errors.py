@@ -94,3 +94,15 @@ def _probe(images, far, fars, skip_missing, out):
 ])
 def test_cli_words_python_arguments_as_its_options(python, shell):
     assert option_words(python, _probe) == shell
+
+
+@click.command()
+@click.option("--top-k", type=int)
+def _no_skip(top_k):
+    pass
+
+
+def test_a_hint_about_a_setting_the_command_lacks_is_dropped():
+    python = "1 unreadable image(s): q.jpg: not an image (skip_missing=True goes on without them)"
+    assert option_words(python, _no_skip) == "1 unreadable image(s): q.jpg: not an image"
+    assert option_words(python, _probe).endswith("(--skip-missing goes on without them)")
