@@ -169,8 +169,13 @@ class Model:
         from facefuse.export.runtime import load_embedder
 
         self.path = Path(path)
-        self.settings = settings
         self.embedder = load_embedder(self.path, device=device)
+        self.settings = self._resolved(settings)
+
+    def _resolved(self, settings: EmbedSettings) -> EmbedSettings:
+        from facefuse.core.settings import resolve_align
+
+        return settings.replace(align=resolve_align(settings.align, self.meta.alignment))
 
     @property
     def meta(self):
@@ -187,7 +192,8 @@ class Model:
     def with_settings(self, **changes) -> "Model":
         """The same loaded model under other settings (nothing is reloaded)."""
         other = object.__new__(Model)
-        other.path, other.embedder, other.settings = self.path, self.embedder, self.settings.replace(**changes)
+        other.path, other.embedder = self.path, self.embedder
+        other.settings = self._resolved(self.settings.replace(**changes))
         return other
 
     def embed(self, images, **changes) -> np.ndarray:
@@ -283,7 +289,9 @@ class Model:
 def load_model(path: str | Path, settings: EmbedSettings | None = None, *, device: str | None = None,
                **changes) -> Model:
     """A model from an exported ``.onnx`` file or a checkpoint / run folder, embedding under
-    ``settings`` with ``changes`` (``flip=True``, ``align="landmarks"``, ...)."""
+    ``settings`` with ``changes`` (``flip=True``, ``align="landmarks"``, ...). ``align="auto"`` is
+    what the model's training faces need (``core.settings.resolve_align``: landmarks for a model
+    trained on template crops, which the model's metadata records)."""
     return Model(path, (settings or EmbedSettings()).replace(**changes), device=device)
 
 
@@ -457,8 +465,10 @@ class Gallery:
         the gallery's rows were, or brought to the template by ``align``. With landmark alignment
         each photo is searched face by face: the result is its largest face's, and ``faces`` lists
         every face found (``note`` says when there was none or several)."""
+        from facefuse.core.settings import resolve_align
         from facefuse.index.enroll import expand_images, search_images
 
+        align = resolve_align(align, self.model.meta.alignment) if align else None
         if (align or self.settings.align) != "landmarks":
             hits = search_images(_listed(images), self.folder, self.model.embedder, top_k=top_k,
                                  threshold=threshold, far=far, nprobe=nprobe, ef_search=ef_search,

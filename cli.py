@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from facefuse.core.errors import FacefuseError
-from facefuse.core.settings import ALIGNMENTS, EmbedSettings
+from facefuse.core.settings import ALIGNMENTS, AUTO, EmbedSettings
 
 
 class Command(click.Command):
@@ -253,10 +253,11 @@ SETTINGS_OPTIONS = {
     "flip": lambda: click.option("--flip", is_flag=True, default=None,
                                  help="Flip test-time augmentation: e(image) + e(mirror)."),
     "align": lambda: click.option(
-        "--align", "--detect", "align", type=click.Choice(list(ALIGNMENTS)), default=None,
+        "--align", "--detect", "align", type=click.Choice([*ALIGNMENTS, AUTO]), default=None,
         help="Photos not aligned to the face template: haar crops the template square around the largest "
-             "Haar-detected face; landmarks aligns the largest face by its five detected landmarks "
-             "(--detect is the older name). [default: none]"),
+             "Haar-detected face; landmarks aligns the largest face by its five detected landmarks (a photo "
+             "that is a template crop already passes through); auto: what the model's training faces need "
+             "(landmarks for a model trained on template crops). --detect is the older name. [default: none]"),
     "center": lambda: click.option(
         "--center", is_flag=True, default=None,
         help="Centre the embeddings on the mean of all the images scored (at least 50) before cosine: what a "
@@ -536,7 +537,7 @@ def index_compact(index_dir):
 @click.option("--far", type=float, help="Use the model's threshold calibrated at this false accept rate.")
 @click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists visited per query (default: the index's own).")
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW candidates per query (default: the index's own).")
-@click.option("--align", "--detect", "align", type=click.Choice(list(ALIGNMENTS)),
+@click.option("--align", "--detect", "align", type=click.Choice([*ALIGNMENTS, AUTO]),
               help="How the query photos are brought to the face template (default: as the index's images were). "
                    "landmarks finds every face of a photo and identifies each.")
 @click.option("--draw", type=click.Path(), help="Write the (one) photo with every face's box and name to this image.")

@@ -25,7 +25,8 @@ class ModelMeta:
     fingerprint: str = ""
     num_classes: int = 0
     model: dict = field(default_factory=dict)  # the full ModelConfig, to rebuild the network
-    thresholds: dict = field(default_factory=dict)  # calibrated decision thresholds (index.calibrate); {} if none
+    thresholds: dict = field(default_factory=dict)  # calibrated decision thresholds (verification.calibrate); {} if none
+    alignment: str = ""  # how its training faces were framed: "template", "none", or "" (not recorded)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -40,10 +41,10 @@ class ModelMeta:
         return cls(**d)
 
     @classmethod
-    def for_model(cls, cfg, model: torch.nn.Module, num_classes: int, mean, std) -> "ModelMeta":
+    def for_model(cls, cfg, model: torch.nn.Module, num_classes: int, mean, std, alignment: str = "") -> "ModelMeta":
         return cls(backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, image_size=cfg.image_size,
                    mean=tuple(mean), std=tuple(std), fingerprint=fingerprint(model.state_dict()),
-                   num_classes=num_classes, model=dataclasses.asdict(cfg))
+                   num_classes=num_classes, model=dataclasses.asdict(cfg), alignment=alignment)
 
 
 def fingerprint(state_dict: dict) -> str:

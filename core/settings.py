@@ -7,6 +7,7 @@ checked by fingerprint). What the user chooses on top is :class:`EmbedSettings`:
 - ``align``: how a face is brought to the model's template before the resize: ``none`` (the image is
   already a template crop), ``haar`` (crop around the largest Haar-detected face, :mod:`core.facecrop`)
   or ``landmarks`` (detected five-point landmarks, similarity-aligned, :mod:`facefuse.align`);
+  ``auto`` is resolved when a model is loaded (:func:`resolve_align`) and never stored;
 - ``center``: scores are cosines of embeddings centred on the mean of the images scored together;
 - ``batch_size``, ``workers``, ``skip_missing``: how the work is done, not what it computes.
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from .errors import ParameterError
 
 ALIGNMENTS = ("none", "haar", "landmarks")
+AUTO = "auto"  # resolved by the model: landmarks for a model trained on template crops, else none
 VECTOR_FIELDS = ("flip", "align", "center")  # the settings an embedding (and a threshold) depends on
 
 
@@ -40,8 +42,8 @@ class EmbedSettings:
     skip_missing: bool = False
 
     def __post_init__(self):
-        if self.align not in ALIGNMENTS:
-            raise ParameterError("align", self.align, f"unknown alignment; valid: {', '.join(ALIGNMENTS)}")
+        if self.align not in ALIGNMENTS + (AUTO,):
+            raise ParameterError("align", self.align, f"unknown alignment; valid: {', '.join(ALIGNMENTS + (AUTO,))}")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ParameterError("batch_size", self.batch_size, "must be an integer >= 1")
         if self.workers is not None and not (isinstance(self.workers, int) and self.workers >= 0):
@@ -84,6 +86,15 @@ class EmbedSettings:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(EmbedSettings))
+
+
+def resolve_align(align: str, trained_on: str) -> str:
+    """``align`` as given, or for ``auto`` what a photo needs for a model whose training faces were
+    framed as ``trained_on`` (``ModelMeta.alignment``): ``landmarks`` for template crops (a photo that
+    is a template crop already passes through: the aligner snaps it), ``none`` otherwise."""
+    if align != AUTO:
+        return align
+    return "landmarks" if trained_on == "template" else "none"
 
 
 def settings_mismatch(stored: EmbedSettings, now: EmbedSettings, *, made: str = "made",

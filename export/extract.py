@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from facefuse.core.errors import FacefuseError, ParameterError
-from facefuse.core.settings import EmbedSettings
+from facefuse.core.settings import EmbedSettings, resolve_align
 from facefuse.core.files import atomic_path, atomic_write_text
 from facefuse.core.folders import scan_identity_folder
 from facefuse.trainer import distributed
@@ -101,6 +101,7 @@ def extract_embeddings(source: str | Path, model: str | Path, out: str | Path,
         if device == "cuda":
             device = f"cuda:{info.local_rank}"
         embedder = load_embedder(model, device=device)
+        settings = settings.replace(align=resolve_align(settings.align, embedder.meta.alignment))
         lo, hi = rank_rows(len(paths), settings.batch_size, info.world_size, info.rank)
         emb, _ = embedder.embed_paths(paths[lo:hi], settings)
         out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from facefuse.core.embed import embed_batch_tta, embed_paths, l2_normalize
-from facefuse.core.errors import FacefuseError
+from facefuse.core.errors import FacefuseError, ParameterError
 from facefuse.core.images import eval_transform
 from facefuse.core.meta import ModelMeta
 from facefuse.core.settings import EmbedSettings
@@ -90,6 +90,8 @@ def face_step(align: str, size: int = 112):
         from facefuse.core.facecrop import HaarFaceCrop
 
         return HaarFaceCrop()
+    if align != "landmarks":
+        raise ParameterError("align", align, "not an alignment step (auto is resolved by a model first)")
     from facefuse.align import LandmarkAlign
 
     return LandmarkAlign(size=size)
@@ -163,7 +165,8 @@ def meta_to_props(meta: ModelMeta, **extra) -> dict[str, str]:
     d = {"image_size": meta.image_size, "mean": list(meta.mean), "std": list(meta.std),
          "channel_order": meta.channel_order, "embedding_dim": meta.embedding_dim,
          "fingerprint": meta.fingerprint, "backbone": meta.backbone,
-         **({"thresholds": meta.thresholds} if meta.thresholds else {}), **extra}
+         **({"thresholds": meta.thresholds} if meta.thresholds else {}),
+         **({"alignment": meta.alignment} if meta.alignment else {}), **extra}
     return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in d.items()}
 
 
@@ -174,7 +177,8 @@ def meta_from_props(props: dict[str, str], where: str) -> ModelMeta:
                          image_size=int(g("image_size")), mean=tuple(json.loads(g("mean"))),
                          std=tuple(json.loads(g("std"))), channel_order=g("channel_order"),
                          fingerprint=g("fingerprint"),
-                         thresholds=json.loads(props.get(META_PREFIX + "thresholds", "{}")))
+                         thresholds=json.loads(props.get(META_PREFIX + "thresholds", "{}")),
+                         alignment=props.get(META_PREFIX + "alignment", ""))
     except (KeyError, ValueError) as exc:
         raise FacefuseError(f"{where}: ONNX model has no facefuse preprocessing metadata ({exc}); "
                             "export it with `facefuse export`") from None

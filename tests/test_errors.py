@@ -66,7 +66,7 @@ def test_parameter_error_names_the_argument_and_value():
     e = ParameterError("far", 0.0, "a false accept rate must be in (0, 1)")
     assert str(e) == "far=0: a false accept rate must be in (0, 1)"
     assert isinstance(e, FacefuseError) and isinstance(e, ValueError) and (e.param, e.value) == ("far", 0.0)
-    with pytest.raises(ParameterError, match=r"^align=sift: unknown alignment; valid: none, haar, landmarks$"):
+    with pytest.raises(ParameterError, match=r"^align=sift: unknown alignment; valid: none, haar, landmarks, auto$"):
         EmbedSettings(align="sift")
     with pytest.raises(ParameterError, match=r"^batch_size=0: must be an integer >= 1$"):
         EmbedSettings().replace(batch_size=0)

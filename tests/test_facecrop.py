@@ -37,7 +37,7 @@ def test_no_face_passes_the_image_on_and_bad_settings_are_refused():
     blank = Image.new("RGB", (90, 70), (128, 128, 128))
     crop = HaarFaceCrop()
     assert crop.box(blank) is None and crop(blank) is blank
-    with pytest.raises(FacefuseError, match="align=sift: unknown alignment; valid: none, haar, landmarks"):
+    with pytest.raises(FacefuseError, match="align=sift: unknown alignment; valid: none, haar, landmarks, auto"):
         EmbedSettings(align="sift")
     assert face_step("none") is None and isinstance(face_step("haar"), HaarFaceCrop)
     with pytest.raises(ValueError, match="min_face"):

@@ -107,6 +107,7 @@ def test_align_cli_crops_train(photos, tmp_path):
                 "--backbone", "resnet18", "--width", 0.25, "--image-size", 48, "--embedding-dim", 16,
                 "--workers", 0, "--no-progress", "--val-fraction", 0, "--device", "cpu")
     assert t.exit_code == 0, t.output
+    assert facefuse.load_model(tmp_path / "run").meta.alignment == "template"  # recorded: photos need landmarks
     assert_one_line_error(run_cli("align", tmp_path / "nothing", tmp_path / "c2"), "nothing")
 
 

@@ -73,3 +73,21 @@ def test_cli_options_build_one_settings_object():
     assert r.exit_code == 0, r.output
     assert seen == {"settings": EmbedSettings(flip=True, align="haar", batch_size=8), "rest": {}}
     assert CliRunner().invoke(probe, []).exit_code == 0 and seen["settings"] == EmbedSettings()
+
+
+def test_auto_alignment_is_what_the_models_training_faces_need(tmp_path):
+    import facefuse
+    from facefuse.core.meta import ModelMeta
+    from facefuse.core.settings import resolve_align
+    from facefuse.export.runtime import meta_from_props, meta_to_props
+    from helpers import make_model_file
+
+    assert [resolve_align("auto", t) for t in ("template", "none", "")] == ["landmarks", "none", "none"]
+    assert resolve_align("haar", "template") == "haar"
+    crops = facefuse.load_model(make_model_file(tmp_path / "t.pt", size=48, dim=8, alignment="template"),
+                                align="auto")
+    older = facefuse.load_model(make_model_file(tmp_path / "o.pt", size=48, dim=8), align="auto")
+    assert (crops.settings.align, older.settings.align) == ("landmarks", "none")  # resolved, never stored as auto
+    assert crops.with_settings(align="auto", flip=True).settings == EmbedSettings(flip=True, align="landmarks")
+    meta = ModelMeta("resnet18", 8, 64, fingerprint="f", alignment="template")
+    assert meta_from_props(meta_to_props(meta), "m.onnx").alignment == "template"  # travels with an ONNX export

@@ -46,6 +46,9 @@ class DataConfig:
     skip_bad: bool = _f(False, "Skip corrupt images and empty identity folders, with a count.")
     verify_images: bool = _f(True, "Decode every image once before training (a bad file is named up front).")
     workers: int = _f(2, "DataLoader worker processes.")
+    alignment: str = _f("template", "How the training images are framed, recorded in the model so photos can be "
+                        "brought alike (align=auto): template (face crops aligned to the 112x112 five-point "
+                        "template, as lfw-112 and `facefuse align` output are) or none (photos as they are).")
     sampler: str = _f("random", "Batch sampler: random, or pk (P identities x K images, for pair losses).")
     pk_identities: int = _f(32, "P: identities per batch (sampler pk).")
     pk_images: int = _f(4, "K: images per identity (sampler pk).")
@@ -364,6 +367,7 @@ def validate(cfg: TrainConfig, where: dict | None = None) -> None:
     check(d.min_images >= 1, "data.min_images", f"must be >= 1, got {d.min_images}")
     check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
     one_of("data.sampler", ("random", "pk"))
+    one_of("data.alignment", ("template", "none"))
     check(d.pk_identities >= 2, "data.pk_identities", f"must be >= 2, got {d.pk_identities}")
     check(d.pk_images >= 2, "data.pk_images", f"must be >= 2, got {d.pk_images}")
     check(0 <= l.label_smoothing < 1, "loss.label_smoothing", f"must be in [0, 1), got {l.label_smoothing}")

@@ -204,7 +204,7 @@ class Trainer:
             atomic_write_text(self.out / "classes.txt", "\n".join(self.classes) + "\n")
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         self.meta = ckpt.ModelMeta.for_model(cfg.model, self.face_model.embedder, len(self.classes),
-                                             cfg.data.mean, cfg.data.std)
+                                             cfg.data.mean, cfg.data.std, cfg.data.alignment)
 
     def _build_loaders(self) -> None:
         cfg = self.cfg
