@@ -20,6 +20,7 @@ measured on LFW (:data:`facefuse.align.transform.TEMPLATES`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,7 +127,7 @@ def check_image(image) -> None:
         raise ParameterError("image", f"{image.width}x{image.height}", "empty image")
 
 
-class LazyModel:
+class LazyModel(ABC):
     """Base of the detectors: settings in ``__dict__``, the loaded model in ``_model`` (dropped when
     pickled, loaded again on first use)."""
 
@@ -148,8 +149,9 @@ class LazyModel:
             self._model = self.load()
         return self._model
 
-    def load(self):  # pragma: no cover - every detector overrides it
-        raise NotImplementedError
+    @abstractmethod
+    def load(self):
+        """The detector's networks / files, loaded once per process (every detector says how)."""
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if not k.startswith("_"))

@@ -14,6 +14,7 @@ imported: its ``__init__`` needs ``pkg_resources``; its folder is found by name)
 from __future__ import annotations
 
 import importlib.util
+from abc import abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,9 @@ class _DlibDetector(LazyModel):
             faces.append(make_face(box, score, five_points(predictor(rgb, rect)), self.name))
         return largest_first(scale_faces(faces, back))
 
-    def boxes(self, rgb):  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def boxes(self, rgb):
+        """dlib's face rectangles and scores in ``rgb`` (each dlib detector its own way)."""
 
 
 @DETECTORS.register("dlib-hog")
