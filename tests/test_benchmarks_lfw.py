@@ -224,7 +224,7 @@ RUN_FIELDS = {"data": {"root", "exclude_identities", "val_pairs", "val_pairs_roo
 
 
 # settings added after the stored rows were measured, with the value that reproduces them
-ADDED_SINCE = {"loss": {"head_parallel": False, "sample_rate": 1.0, "head_options": {}},
+ADDED_SINCE = {"data": {"alignment": "template"}, "loss": {"head_parallel": False, "sample_rate": 1.0, "head_options": {}},
                "augment": {"rotate": 0.0, "translate": 0.0, "zoom": (1.0, 1.0), "grayscale": 0.0, "blur": 0.0,
                            "jpeg": 0.0, "shading": 0.0}}
 

@@ -357,7 +357,7 @@ def test_concurrent_writers_killed_at_random_while_readers_search(tmp_path, fork
     plans, groups = {}, {"seed": 5}
     for w in range(4):
         ops, live = [], []
-        for i in range(14):
+        for i in range(40):  # long enough that the kills below land mid-plan on a fast, quiet machine too
             r = rng.random()
             if r < 0.55 or not live:
                 n = rng.randint(1, 3)
@@ -380,7 +380,7 @@ def test_concurrent_writers_killed_at_random_while_readers_search(tmp_path, fork
         p.start()
     killed = set()
     while len(killed) < 3 and any(p.is_alive() for w, p in writers.items() if w not in killed):
-        time.sleep(rng.uniform(0.05, 0.4))
+        time.sleep(rng.uniform(0.02, 0.15))
         alive = [w for w, p in writers.items() if p.is_alive() and w not in killed]
         if alive:
             w = rng.choice(alive)
