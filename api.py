@@ -22,7 +22,6 @@ the model, the calibration record, an ``embed`` folder and a gallery. Errors are
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,8 +214,10 @@ class Model:
         im = _as_pil(image)
         w, h = im.size
         if self.settings.align == "landmarks":
+            from facefuse.export.runtime import landmark_aligner
+
             return [FaceCrop(f.box, float(f.score), np.asarray(f.landmarks).round(2).tolist(), crop)
-                    for f, crop in _landmark_aligner(self.meta.image_size).faces(im)]
+                    for f, crop in landmark_aligner(self.meta.image_size).faces(im)]
         if self.settings.align == "haar":
             from facefuse.core.facecrop import HaarFaceCrop
 
@@ -225,8 +226,7 @@ class Model:
             if box is None:
                 return []
             x, y, bw, bh = box
-            crop = im.crop(tuple(int(round(v)) for v in step.crop_box(box)))
-            return [FaceCrop((x, y, x + bw, y + bh), None, None, crop)]
+            return [FaceCrop((x, y, x + bw, y + bh), None, None, step.crop_face(im, box))]
         return [FaceCrop((0.0, 0.0, float(w), float(h)), None, None, im)]
 
     def embed_faces(self, faces: list[FaceCrop]) -> np.ndarray:
@@ -293,14 +293,6 @@ def load_model(path: str | Path, settings: EmbedSettings | None = None, *, devic
     what the model's training faces need (``core.settings.resolve_align``: landmarks for a model
     trained on template crops, which the model's metadata records)."""
     return Model(path, (settings or EmbedSettings()).replace(**changes), device=device)
-
-
-@functools.lru_cache(maxsize=4)
-def _landmark_aligner(size: int):
-    """One landmark aligner per crop size in a process (its detector loads its weights once)."""
-    from facefuse.align import LandmarkAlign
-
-    return LandmarkAlign(size=size)
 
 
 def _as_pil(image):

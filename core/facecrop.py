@@ -80,12 +80,13 @@ class HaarFaceCrop:
         size = self.template_size * scale
         return left, top, left + size, top + size
 
+    def crop_face(self, image: Image.Image, face: tuple[int, int, int, int]) -> Image.Image:
+        """The template square of ``image`` around the detected ``face`` (outside the photo: black)."""
+        return image.crop(tuple(int(round(v)) for v in self.crop_box(face)))
+
     def __call__(self, image: Image.Image) -> Image.Image:
         face = self.box(image)
-        if face is None:
-            return image
-        left, top, right, bottom = (int(round(v)) for v in self.crop_box(face))
-        return image.crop((left, top, right, bottom))  # outside the photo: black
+        return image if face is None else self.crop_face(image, face)
 
 
 def detect_rate(crop: HaarFaceCrop, paths) -> tuple[int, int]:

@@ -10,6 +10,7 @@ Embeddings returned to callers are float32 numpy arrays, L2-normalised row by ro
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from abc import ABC, abstractmethod
@@ -92,6 +93,13 @@ def face_step(align: str, size: int = 112):
         return HaarFaceCrop()
     if align != "landmarks":
         raise ParameterError("align", align, "not an alignment step (auto is resolved by a model first)")
+    return landmark_aligner(size)
+
+
+@functools.lru_cache(maxsize=4)
+def landmark_aligner(size: int):
+    """One landmark aligner per crop size in a process, so its detector loads its weights once
+    (stateless otherwise; DataLoader workers get their own copy by pickling)."""
     from facefuse.align import LandmarkAlign
 
     return LandmarkAlign(size=size)
@@ -115,7 +123,7 @@ class _Counted:
         box = self.step.box(image)
         if box is None:
             return self.then(image), 0
-        return self.then(image.crop(tuple(int(round(v)) for v in self.step.crop_box(box)))), 1
+        return self.then(self.step.crop_face(image, box)), 1
 
 
 class _Then:
